@@ -1,0 +1,109 @@
+"""dqn_prior.py: pure functions against hand-computed values, and subprocess runs of the script."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dqn_prior import DATASET_FORMAT, ReplayBuffer, select_action, td_loss, td_target
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_td_target_hand_computed():
+    rewards = torch.tensor([1.0, 0.5, -0.1, 0.0])
+    terminated = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    next_q = torch.tensor([[9.0, 9.0], [2.0, 3.0], [-1.0, 7.0], [5.0, 5.0]])
+    # row 2: the larger Q (7.0) belongs to a padded slot and must not be used; row 3 has no candidate
+    next_mask = torch.tensor([[True, True], [True, True], [True, False], [False, False]])
+    y = td_target(rewards, terminated, next_q, next_mask, gamma=0.9)
+    expected = torch.tensor([1.0, 0.5 + 0.9 * 3.0, -0.1 + 0.9 * -1.0, 0.0])
+    assert torch.allclose(y, expected)
+
+
+def test_td_loss_reductions():
+    q = torch.tensor([1.0, 2.0], requires_grad=True)
+    y = torch.tensor([0.0, 4.0])
+    assert td_loss(q, y, "mean").item() == pytest.approx((1 + 4) / 2)
+    assert td_loss(q, y, "sum").item() == pytest.approx(5.0)
+
+
+def test_softmax_acting_at_zero_temperature_is_greedy():
+    rng = np.random.default_rng(0)
+    q = np.array([0.1, 0.9, 0.3])
+    assert all(select_action(q, 0.0, 0.0, rng) == 1 for _ in range(20))
+    assert all(select_action(q, 1e-6, 0.0, rng) == 1 for _ in range(20))
+
+
+def test_softmax_acting_matches_the_boltzmann_distribution():
+    rng = np.random.default_rng(0)
+    q = np.array([0.0, np.log(3.0)])  # α = 1 → probabilities 1/4, 3/4
+    picks = [select_action(q, 1.0, 0.0, rng) for _ in range(4000)]
+    assert np.mean(picks) == pytest.approx(0.75, abs=0.03)
+
+
+def test_epsilon_greedy_explores():
+    rng = np.random.default_rng(0)
+    q = np.array([0.0, 10.0])
+    picks = [select_action(q, 0.0, 1.0, rng) for _ in range(2000)]
+    assert np.mean(picks) == pytest.approx(0.5, abs=0.05)
+
+
+def test_replay_buffer_keeps_next_candidate_sets():
+    rb = ReplayBuffer(capacity=3, max_candidates=3)
+    rb.add(0, 1.0, False, [4, 5])
+    rb.add(1, 0.0, True, [])
+    sample = rb.sample(64, np.random.default_rng(0))
+    for sa, mask, nxt in zip(sample["sa"], sample["next_mask"], sample["next_sa"]):
+        if sa == 0:
+            assert mask.tolist() == [True, True, False] and nxt[:2].tolist() == [4, 5]
+        else:
+            assert not mask.any()
+    for i in range(5):  # ring buffer: oldest entries are overwritten
+        rb.add(10 + i, 0.0, False, [1])
+    assert rb.size == 3 and sorted(rb.sa.tolist()) == [12, 13, 14]
+
+
+def run_script(*argv, check=True):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_prior.py"), *argv], cwd=ROOT,
+                            capture_output=True, text=True)  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"dqn_prior.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def summary_of(result):
+    line = [l for l in result.stdout.splitlines() if l.startswith("summary ")][-1]
+    return json.loads(line[len("summary ") :])
+
+
+def test_plain_dqn_smoke_resume_and_dataset(tmp_path):
+    """--k 0 trains; a run resumed from a mid-episode checkpoint ends with exactly the same Q-network."""
+    common = ["--env", "frozenlake", "--k", "0", "--eval-freq", "100", "--eval-episodes", "2",
+              "--checkpoint-freq", "70", "--runs-dir", str(tmp_path)]  # fmt: skip
+    full = summary_of(run_script(*common, "--total-timesteps", "200", "--exp-name", "full"))
+    assert full["global_step"] == 200 and full["prior_queries"] == 0
+    part = run_script(*common, "--total-timesteps", "70", "--exp-name", "part",
+                      "--save-dataset", str(tmp_path / "part.jsonl"))  # fmt: skip
+    ckpt = glob.glob(str(tmp_path / "*part*" / "checkpoint.pt"))[0]
+    resumed = summary_of(run_script("--resume", ckpt, "--total-timesteps", "200"))
+    assert resumed["global_step"] == 200
+    a = torch.load(glob.glob(str(tmp_path / "*full*" / "q_network.pt"))[0])
+    b = torch.load(glob.glob(str(tmp_path / "*part*" / "q_network.pt"))[0])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "part.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    assert (header["format"], header["env"], header["k"]) == (DATASET_FORMAT, "frozenlake", 0)
+    assert len(lines) == 1 + 200  # the resumed run carried on the same dataset
+    record = json.loads(lines[1])
+    assert record["action"] in record["admissible"] and record["proposals"] is None
+
+
+def test_unknown_env_is_a_clear_error(tmp_path):
+    result = run_script("--env", "nope", "--k", "0", "--runs-dir", str(tmp_path), check=False)
+    assert result.returncode != 0 and "valid ids" in result.stderr

