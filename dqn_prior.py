@@ -196,7 +196,7 @@ class PriorArgs:
     cache_path: Optional[str] = None
     """SQLite file for `cache=disk` (None = $LLMPRIOR_CACHE/proposals.sqlite or ~/.cache/llmprior/proposals.sqlite)"""
     temperature: float = 1.0
-    """sampling temperature (the authors: 1.0)"""
+    """sampling temperature (the authors: 1.0); in `dist` mode it divides the actions' log-likelihoods"""
     top_p: float = 1.0
     """nucleus sampling threshold (the authors: 1.0)"""
     top_k: int = 50
@@ -869,8 +869,8 @@ class LLMPrior:
 
     def _sample(self, prompt: str, admissible: list[str], k: int, qseed: int) -> list[str]:
         mode = self.args.mode
-        if mode == "dist":
-            probs = _softmax(self.backend.score(prompt, admissible))
+        if mode == "dist":  # temperature scales the sequence log-likelihoods, as it scales token logits when sampling
+            probs = _softmax(self.backend.score(prompt, admissible) / self.args.temperature)
             return [admissible[i] for i in np.random.default_rng(qseed).choice(len(admissible), size=k, p=probs)]
         if mode == "constrained":
             return self.backend.sample_choices(prompt, admissible, k, qseed)
@@ -1188,7 +1188,10 @@ if __name__ == "__main__":
     env = make_env(args.env, expert=coverage_on)
     eval_envs = {"eval": make_env(args.env)}
     if is_alfworld:
-        eval_envs["eval_unseen"] = make_env(args.env, split="unseen")
+        try:  # generalisation to unseen tasks (Table 2); generated games have no unseen examine split
+            eval_envs["eval_unseen"] = make_env(args.env, split="unseen")
+        except ValueError as err:
+            print(f"no unseen evaluation for {args.env}: {err}", file=sys.stderr)
 
     prior = LLMPrior(args.prior, seed=args.seed) if use_prior else None
     history_len = args.prior.history if args.prior.history is not None else default_history(args.env)
@@ -1261,8 +1264,10 @@ if __name__ == "__main__":
         return obs, info, history, ep_return, agent.candidates(obs, info, history)
 
     start_time, start_step, result, rng_before_step = time.time(), global_step, {}, None
-    obs, info, history, ep_return, cands = start_episode(ckpt["episode_actions"] if ckpt else [])
+    # (obs, action) pairs of the episode so far; before the first reset only its actions matter (for a checkpoint)
+    history = [(None, a) for a in (ckpt["episode_actions"] if ckpt else [])]
     try:
+        obs, info, history, ep_return, cands = start_episode([a for _, a in history])
         while global_step < args.total_timesteps:
             # ALGO LOGIC: act by reweighting the prior's proposals with Q (Sec. 2.2)
             rng_before_step = rng_state(rng)  # an LLM failure mid-step checkpoints the state before the step

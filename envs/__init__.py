@@ -26,6 +26,7 @@ _REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
     "frozenlake-8x8": ("envs.frozenlake:FrozenLakeTextEnv", {"map_name": "8x8"}),
     "alfworld-pick": ("envs.alfworld:ALFWorldEnv", {"task_type": "pick"}),
     "alfworld-examine": ("envs.alfworld:ALFWorldEnv", {"task_type": "examine"}),
+    "babyai-gotoredball": ("envs.babyai:BabyAITextEnv", {"level": "GoToRedBall", "max_steps": 30}),
 }
 
 ENV_IDS: tuple[str, ...] = tuple(_REGISTRY)

@@ -1,10 +1,12 @@
 """dqn_prior.py: pure functions against hand-computed values, and subprocess runs of the script."""
 
 import glob
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -107,3 +109,72 @@ def test_plain_dqn_smoke_resume_and_dataset(tmp_path):
 def test_unknown_env_is_a_clear_error(tmp_path):
     result = run_script("--env", "nope", "--k", "0", "--runs-dir", str(tmp_path), check=False)
     assert result.returncode != 0 and "valid ids" in result.stderr
+
+
+class FlakyServer(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible completions server that answers `budget` requests, then drops every connection."""
+
+    budget = 0
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if FlakyServer.budget <= 0:
+            self.close_connection = True  # the client sees the connection drop, as when a server dies
+            return
+        FlakyServer.budget -= 1
+        texts = ["Go Right", "Go Down", "I would go down", "left", "Go Up"]
+        data = json.dumps({"choices": [{"index": i, "text": texts[i % 5]} for i in range(req["n"])]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_llm_server_failure_is_clear_and_loses_nothing(tmp_path):
+    """The server dies mid-run: the script names the server, checkpoints, and a resume (server back) goes on."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        FlakyServer.budget = 6
+        prior = ["--prior.backend", "openai", "--prior.base-url", f"http://127.0.0.1:{server.server_port}/v1",
+                 "--prior.model", "fake", "--prior.mode", "map", "--prior.unmatched", "last",
+                 "--prior.cache", "memory", "--prior.max-retries", "1", "--prior.timeout", "5"]  # fmt: skip
+        failed = run_script("--env", "frozenlake", "--k", "3", "--total-timesteps", "60", "--runs-dir", str(tmp_path),
+                            "--learning-starts", "5", "--train-frequency", "2", *prior, check=False)  # fmt: skip
+        assert failed.returncode != 0
+        assert "could not reach the OpenAI-compatible server" in failed.stderr
+        assert f"127.0.0.1:{server.server_port}" in failed.stderr and "--resume" in failed.stderr
+        ckpt_path = glob.glob(str(tmp_path / "*" / "checkpoint.pt"))[0]
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        assert 0 < ckpt["global_step"] < 60 and ckpt["buffer"]["size"] == ckpt["global_step"]
+        FlakyServer.budget = 10_000
+        resumed = summary_of(run_script("--resume", ckpt_path, "--total-timesteps", "60"))
+        assert resumed["global_step"] == 60
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared_prior_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("prior") / "proposals.sqlite")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env_id", ["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick",
+                                    "alfworld-examine"])  # fmt: skip
+def test_dqn_prior_with_the_real_embedded_models(env_id, tmp_path, shared_prior_cache):
+    """Gemma-3-270M proposes, all-MiniLM-L6-v2 encodes: every env trains and evaluates end to end."""
+    result = run_script("--env", env_id, "--total-timesteps", "120", "--eval-freq", "120", "--eval-episodes", "1",
+                        "--learning-starts", "20", "--coverage", "True", "--runs-dir", str(tmp_path),
+                        "--prior.cache-path", shared_prior_cache)  # fmt: skip
+    summary = summary_of(result)
+    assert summary["global_step"] == 120
+    assert summary["prior_queries"] > 0 and 0.0 <= summary["prior_cache_hit_rate"] <= 1.0
+    assert 0.0 <= summary["prior_coverage"] <= 1.0
+    assert "coverage" in result.stdout and "LLM queries" in result.stdout
+    if env_id.startswith("alfworld"):
+        assert "eval_unseen/success_rate" in summary or env_id == "alfworld-examine"

@@ -257,6 +257,18 @@ def test_dist_probs_match_slow_reference(tiny_lm_dir, monkeypatch):
         monkeypatch.undo()
 
 
+def test_dist_temperature_flattens_the_proposal_distribution(tiny_lm_dir):
+    """dist samples from softmax(log p(a|s) / T): T = 1 is the prior itself, large T nearly uniform."""
+    scores = make_prior(tiny_lm_dir, mode="dist").backend.score(PROMPT, TOMATO_ACTIONS)
+    for temperature in (1.0, 1000.0):
+        prior = make_prior(tiny_lm_dir, mode="dist", temperature=temperature)
+        probs = dqn_prior._softmax(scores / temperature)
+        draws = prior.propose(PROMPT, TOMATO_ACTIONS, 4000)
+        freq = np.array([draws.count(a) for a in TOMATO_ACTIONS]) / len(draws)
+        np.testing.assert_allclose(freq, probs, atol=0.03)
+    assert np.allclose(probs, 1 / len(TOMATO_ACTIONS), atol=0.01)
+
+
 def test_mean_normalisation(tiny_lm_dir):
     prior = make_prior(tiny_lm_dir, mode="dist", score_normalize="mean")
     ref = slow_scores(prior, PROMPT, TOMATO_ACTIONS)

@@ -1,0 +1,153 @@
+"""bc.py: the loss against hand-computed values, the dataset reader, and subprocess runs of the script (a tiny random
+LM; the embedded one in the slow test)."""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+import envs
+from bc import DATASET_FORMAT, PolicyArgs, bc_loss, bc_samples, load_dataset, load_policy, policy_prompt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = [
+    "Possible action of the agent: Go Left, Go Right, Go Up, Go Down Goal of the agent: Reach the goal (G)",
+    "Observation 0: You are in a 4x4 grid where each cell is either a frozen cell (F) indicating a safe position",
+    "Currently the agent is at position (0, 0), which direction need to take? leads to position start hole (H)",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A random causal LM + BPE tokenizer saved as a local HF folder (the same load path as a real model)."""
+    torch.manual_seed(0)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<pad>", "<eos>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id)  # fmt: skip
+    folder = tmp_path_factory.mktemp("bc-llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def write_frozenlake_dataset(path, episodes: int = 4, action: str = "Go Down") -> list[dict]:
+    """Transitions of episodes that walk the expert path but always record `action` as the data action, so the
+    right answer is the same in every state."""
+    env = envs.make("frozenlake")
+    records = []
+    for ep in range(episodes):
+        obs, info = env.reset(seed=ep)
+        for step, a in enumerate(["Go Down", "Go Down", "Go Right"]):
+            next_obs, reward, terminated, truncated, next_info = env.step(a)
+            records.append({"episode": ep, "step": step, "task": info["task"], "obs": obs,
+                            "admissible": info["admissible_actions"], "action": action, "reward": reward,
+                            "next_obs": next_obs, "next_admissible": next_info["admissible_actions"],
+                            "terminated": terminated, "truncated": truncated, "proposals": None,
+                            "next_proposals": None})  # fmt: skip
+            obs, info = next_obs, next_info
+    with open(path, "w") as f:
+        f.write(json.dumps({"format": DATASET_FORMAT, "version": 1, "env": "frozenlake", "prior": None, "k": 0}) + "\n")
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return records
+
+
+def test_bc_loss_hand_computed():
+    scores = torch.tensor([[0.0, math.log(3.0)], [math.log(2.0), 0.0]])
+    actions = torch.tensor([1, 1])
+    expected = (-math.log(3 / 4) - math.log(1 / 3)) / 2
+    assert bc_loss(scores, actions).item() == pytest.approx(expected, abs=1e-6)
+    assert bc_loss(scores, actions, reduction="sum").item() == pytest.approx(2 * expected, abs=1e-6)
+    padded = torch.tensor([[0.0, math.log(3.0), -math.inf]])
+    assert bc_loss(padded, torch.tensor([1])).item() == pytest.approx(-math.log(3 / 4), abs=1e-6)
+
+
+def test_dataset_reader_rebuilds_the_prompt_history(tmp_path):
+    records = write_frozenlake_dataset(tmp_path / "d.jsonl", episodes=2)
+    header, loaded = load_dataset(str(tmp_path / "d.jsonl"))
+    assert header["env"] == "frozenlake" and loaded == records
+    samples = bc_samples(list(reversed(loaded)), history=1)  # order in the file does not matter
+    third = [s for s in samples if "agent is at position (2, 0)" in s["prompt"].split("Observation 1:")[-1]][0]
+    assert third["prompt"] == policy_prompt(records[2]["task"], records[2]["obs"], records[2]["admissible"],
+                                            [(records[1]["obs"], records[1]["action"])])  # fmt: skip
+    assert third["actions"][third["index"]] == "Go Down"
+    assert all("Observation 1:" not in s["prompt"] for s in bc_samples(loaded, history=0))
+
+
+def test_not_a_dataset_is_a_clear_error(tmp_path):
+    (tmp_path / "x.jsonl").write_text(json.dumps({"format": "something-else"}) + "\n{}\n")
+    with pytest.raises(ValueError, match="llmprior-offline-transitions"):
+        load_dataset(str(tmp_path / "x.jsonl"))
+
+
+def run_script(*argv, check=True):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bc.py"), *argv], cwd=ROOT, capture_output=True,
+                            text=True)  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"bc.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def summary_of(result):
+    line = [l for l in result.stdout.splitlines() if l.startswith("summary ")][-1]
+    return json.loads(line[len("summary ") :])
+
+
+def test_bc_learns_the_always_right_action(tiny_lm_dir, tmp_path):
+    """One action is right in every state: BC drives its probability above 0.9 (checked on the saved policy)."""
+    records = write_frozenlake_dataset(tmp_path / "d.jsonl")
+    summary = summary_of(run_script("--dataset", str(tmp_path / "d.jsonl"), "--policy.model", tiny_lm_dir,
+                                    "--policy.lora-r", "0", "--learning-rate", "3e-3", "--total-steps", "40",
+                                    "--batch-size", "8", "--eval-freq", "40", "--eval-episodes", "1",
+                                    "--runs-dir", str(tmp_path), "--torch-threads", "1"))  # fmt: skip
+    assert summary["step"] == 40 and summary["final_data_action_prob"] > 0.9
+    policy = load_policy(PolicyArgs(model=tiny_lm_dir, lora_r=0), torch.device("cpu"))
+    policy.load_state_dict(torch.load(glob.glob(str(tmp_path / "*" / "policy.pt"))[0]), strict=False)
+    samples = bc_samples(records, history=0)
+    with torch.no_grad():
+        probs = torch.softmax(policy([s["prompt"] for s in samples], [s["actions"] for s in samples])[0], -1)
+    assert all(p[s["index"]] > 0.9 for p, s in zip(probs, samples))
+
+
+def test_bc_resume_is_exact(tiny_lm_dir, tmp_path):
+    write_frozenlake_dataset(tmp_path / "d.jsonl")
+    common = ["--dataset", str(tmp_path / "d.jsonl"), "--policy.model", tiny_lm_dir, "--batch-size", "5",
+              "--checkpoint-freq", "3", "--eval-freq", "100", "--eval-episodes", "1", "--runs-dir", str(tmp_path),
+              "--torch-threads", "1"]  # fmt: skip
+    run_script(*common, "--total-steps", "8", "--exp-name", "full")
+    run_script(*common, "--total-steps", "3", "--exp-name", "part")
+    resumed = summary_of(run_script("--resume", glob.glob(str(tmp_path / "*part*" / "checkpoint.pt"))[0],
+                                    "--total-steps", "8"))  # fmt: skip
+    assert resumed["step"] == 8
+    a = torch.load(glob.glob(str(tmp_path / "*full*" / "policy.pt"))[0])
+    b = torch.load(glob.glob(str(tmp_path / "*part*" / "policy.pt"))[0])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    result = run_script("--runs-dir", str(tmp_path), check=False)
+    assert result.returncode != 0 and "--dataset" in result.stderr
+
+
+@pytest.mark.slow
+def test_smoke_embedded_model(tmp_path):
+    write_frozenlake_dataset(tmp_path / "d.jsonl", episodes=1)
+    summary = summary_of(run_script("--dataset", str(tmp_path / "d.jsonl"), "--total-steps", "2", "--batch-size", "3",
+                                    "--eval-episodes", "1", "--runs-dir", str(tmp_path), "--torch-threads", "1"))
+    assert summary["step"] == 2 and summary["final_bc_loss"] > 0

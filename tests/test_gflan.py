@@ -1,0 +1,375 @@
+"""gflan_prior.py: the LM policy's action scores against a slow reference, the loss terms against hand-computed
+values, a PPO update on a bandit, and subprocess runs of the script (tiny random models; the embedded ones in the
+slow test)."""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast, T5Config
+from transformers import T5ForConditionalGeneration
+
+import envs
+from gflan_prior import (
+    LMPolicy,
+    PolicyArgs,
+    compute_gae,
+    empirical_prior,
+    entropy,
+    kl_to_prior,
+    load_policy,
+    policy_prompt,
+    ppo_loss,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+# ---- tiny random LMs -------------------------------------------------------------------------------------------------
+CORPUS = [
+    "Possible action of the agent: Go Left, Go Right, Go Up, Go Down Goal of the agent: Reach the goal (G)",
+    "Observation 0: You are in a 4x4 grid where each cell is either a frozen cell (F) indicating a safe position",
+    "Action 0: turn left turn right go forward pick up drop toggle You see a wall 2 steps forward red ball",
+    "Currently the agent is at position (0, 0), which direction need to take? leads to position start hole (H)",
+]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<pad>", "<eos>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+def make_tiny_model(kind: str, folder) -> str:
+    """A random LM + BPE tokenizer saved as a local HF folder (the same load path as a real model)."""
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if kind == "llama":
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                             **ids)  # fmt: skip
+        model = AutoModelForCausalLM.from_config(config)
+    elif kind == "gemma3-sliding":
+        # Sliding-window layers with a window shorter than the prompts: padding and the KV cache must stay exact.
+        config = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=1, head_dim=8, sliding_window=8, max_position_embeddings=2048,
+                                  layer_types=["sliding_attention", "full_attention"], bos_token_id=tok.bos_token_id,
+                                  **ids)  # fmt: skip
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        config = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                          decoder_start_token_id=tok.pad_token_id, **ids)  # fmt: skip
+        model = T5ForConditionalGeneration(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session", params=["llama", "gemma3-sliding", "t5"])
+def tiny_dir(request, tmp_path_factory):
+    return make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.mktemp("llama-script"))
+
+
+def frozenlake_states(n: int) -> tuple[list[str], list[list[str]]]:
+    env = envs.make("frozenlake")
+    obs, info = env.reset(seed=0)
+    prompts, actions = [], []
+    for a in ["Go Down", "Go Down", "Go Right", "Go Right", "Go Down"][:n]:
+        prompts.append(policy_prompt(info["task"], obs, info["admissible_actions"], []))
+        actions.append(list(info["admissible_actions"]))
+        obs, _, _, _, info = env.step(a)
+    return prompts, actions
+
+
+def slow_scores(policy: LMPolicy, prompt: str, actions: list[str]) -> list[float]:
+    """Reference: one full forward per action, no padding, no cache."""
+    out = []
+    for a in actions:
+        p_ids, a_ids = policy.token_ids(prompt, a)
+        with torch.no_grad():
+            if policy.seq2seq:
+                logits = policy.lm(input_ids=torch.tensor([p_ids]), labels=torch.tensor([a_ids])).logits[0]
+                logp = torch.log_softmax(logits.double(), -1)
+                out.append(sum(logp[j, t].item() for j, t in enumerate(a_ids)))
+            else:
+                logits = policy.lm(input_ids=torch.tensor([p_ids + a_ids])).logits[0]
+                logp = torch.log_softmax(logits.double(), -1)
+                out.append(sum(logp[len(p_ids) + j - 1, t].item() for j, t in enumerate(a_ids)))
+    return out
+
+
+# ---- the policy ------------------------------------------------------------------------------------------------------
+def test_action_loglik_matches_slow_reference(tiny_dir):
+    policy = load_policy(PolicyArgs(model=tiny_dir, lora_r=0), CPU)
+    prompts, actions = frozenlake_states(3)
+    # Prompts of different lengths, action sets of different sizes, and a duplicate state in one batch.
+    prompts += ["Goal of the agent: go to the red ball \n Action 0:", prompts[0]]
+    actions += [["turn left", "go forward", "pick up"], actions[0]]
+    with torch.no_grad():
+        scores, values = policy(prompts, actions)
+    for i, (p, acts) in enumerate(zip(prompts, actions)):
+        np.testing.assert_allclose(scores[i, : len(acts)].numpy(), slow_scores(policy, p, acts), atol=2e-4)
+        assert torch.isinf(scores[i, len(acts) :]).all()
+    assert torch.equal(scores[0], scores[4]) and values[0] == values[4]
+
+
+def test_padding_does_not_change_scores_or_values(tiny_dir):
+    policy = load_policy(PolicyArgs(model=tiny_dir, lora_r=0), CPU)
+    short = "Goal of the agent: go to the red ball \n Action 0:"
+    (long,), (acts,) = frozenlake_states(1)
+    with torch.no_grad():
+        alone_s, alone_v = policy([short], [["turn left", "go forward"]])
+        batch_s, batch_v = policy([long, short], [acts, ["turn left", "go forward"]])
+    torch.testing.assert_close(batch_s[1, :2], alone_s[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch_v[1], alone_v[0], atol=1e-5, rtol=1e-5)
+
+
+def test_value_reads_the_last_real_prompt_token(tiny_llama_dir):
+    """In a padded batch the value head must read the prompt's last real token, never a pad."""
+    policy = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=0), CPU)
+    prompt = "Goal of the agent: go to the red ball \n Action 0:"
+    p_ids, _ = policy.token_ids(prompt, "go forward")
+    with torch.no_grad():
+        hidden = policy.lm(input_ids=torch.tensor([p_ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+        expected = policy.value_head(hidden).item()
+        _, values = policy(["a much longer prompt " * 5 + prompt, prompt], [["go forward"]] * 2)
+    assert values[1].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_normalisations(tiny_llama_dir):
+    prompts, actions = ["Goal of the agent: go \n Action 0:"], [["turn left", "go forward", "toggle"]]
+    out = {}
+    for norm in ("sum", "token", "word"):
+        policy = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=0, normalize=norm), CPU)
+        with torch.no_grad():
+            out[norm] = policy(prompts, actions)[0][0]
+    n_tokens = torch.tensor([len(policy.token_ids(prompts[0], a)[1]) for a in actions[0]], dtype=torch.float32)
+    torch.testing.assert_close(out["token"], out["sum"] / n_tokens)
+    torch.testing.assert_close(out["word"], out["sum"] / torch.tensor([2.0, 2.0, 1.0]))
+
+
+def test_lora_on_top_blocks_only(tiny_llama_dir):
+    policy = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=4, lora_layers=1), CPU)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("value_head") for n in trainable)
+    assert any("layers.1." in n for n in trainable) and not any("layers.0." in n for n in trainable)
+    # LoRA starts as the identity: the scores are the base model's.
+    base = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=0), CPU)
+    prompts, actions = frozenlake_states(1)
+    with torch.no_grad():
+        torch.testing.assert_close(policy(prompts, actions)[0], base(prompts, actions)[0])
+
+
+def test_policy_prompt_is_glams():
+    prompt = policy_prompt("go to the red ball", "You see a wall 2 steps forward",
+                           ["turn left", "turn right"], [("You see a red ball 1 step left", "turn left")])  # fmt: skip
+    assert prompt == (
+        "Possible action of the agent: turn left, turn right \n Goal of the agent: go to the red ball \n "
+        "Observation 0: You see a red ball 1 step left \n Action 0: turn left \n "
+        "Observation 1: You see a wall 2 steps forward \n Action 1:"
+    )
+
+
+# ---- losses ----------------------------------------------------------------------------------------------------------
+def test_empirical_prior_is_smoothed_counts():
+    p = empirical_prior(["a", "a", "b", "a", "c"], ["a", "b", "c", "d"], smoothing=0.2)
+    np.testing.assert_allclose(p, 0.8 * np.array([3, 1, 1, 0]) / 5 + 0.2 / 4)
+    assert p.sum() == pytest.approx(1.0) and p[3] > 0
+
+
+def test_kl_to_prior_hand_computed():
+    # π = (1/6, 2/6, 3/6) from scores log(1), log(2), log(3); p̂ from proposals a,a,b,a,c with λ = 0.1 over 3 actions.
+    scores = torch.tensor([[0.0, math.log(2.0), math.log(3.0)]])
+    prior = torch.tensor(empirical_prior(["a", "a", "b", "a", "c"], ["a", "b", "c"], 0.1)[None], dtype=torch.float32)
+    pi, q = [1 / 6, 2 / 6, 3 / 6], [0.9 * 3 / 5 + 0.1 / 3, 0.9 / 5 + 0.1 / 3, 0.9 / 5 + 0.1 / 3]
+    expected = sum(p * math.log(p / qq) for p, qq in zip(pi, q))
+    assert kl_to_prior(scores, prior).item() == pytest.approx(expected, abs=1e-6)
+    # A padded action slot (-inf score, zero prior) contributes nothing.
+    padded = kl_to_prior(torch.cat([scores, torch.tensor([[-math.inf]])], 1), torch.cat([prior, torch.zeros(1, 1)], 1))
+    assert padded.item() == pytest.approx(expected, abs=1e-6)
+    assert entropy(scores).item() == pytest.approx(-sum(p * math.log(p) for p in pi), abs=1e-6)
+
+
+def _ppo_batch():
+    torch.manual_seed(0)
+    scores = torch.randn(5, 3)
+    scores[4, 2] = -math.inf
+    return dict(scores=scores, values=torch.randn(5), actions=torch.tensor([0, 2, 1, 1, 0]),
+                old_logprobs=torch.log_softmax(scores + 0.3 * torch.randn(5, 3), -1)[range(5), [0, 2, 1, 1, 0]],
+                old_values=torch.randn(5), advantages=torch.randn(5), returns=torch.randn(5))  # fmt: skip
+
+
+def test_alpha_zero_is_plain_ppo():
+    b = _ppo_batch()
+    prior = torch.softmax(torch.randn(5, 3), -1)
+    prior[4, 2] = 0.0
+    out = ppo_loss(**b, prior_probs=prior, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, kl_coef=0.0)
+    # CleanRL's PPO loss, written out independently.
+    logp = torch.log_softmax(b["scores"], -1)[range(5), b["actions"]]
+    ratio = (logp - b["old_logprobs"]).exp()
+    pg = torch.max(-b["advantages"] * ratio, -b["advantages"] * ratio.clamp(0.8, 1.2)).mean()
+    v_clipped = b["old_values"] + (b["values"] - b["old_values"]).clamp(-0.2, 0.2)
+    v = 0.5 * torch.max((b["values"] - b["returns"]) ** 2, (v_clipped - b["returns"]) ** 2).mean()
+    probs = torch.softmax(b["scores"], -1)
+    ent = -(probs * torch.log_softmax(b["scores"], -1)).nan_to_num().sum(-1).mean()
+    assert out["loss"].item() == pytest.approx((pg - 0.01 * ent + 0.5 * v).item(), abs=1e-6)
+    with_kl = ppo_loss(**b, prior_probs=prior, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, kl_coef=0.3)
+    assert with_kl["loss"].item() == pytest.approx(out["loss"].item() + 0.3 * with_kl["kl_to_prior"].item(), abs=1e-6)
+    assert with_kl["kl_to_prior"].item() > 0
+    summed = ppo_loss(**b, prior_probs=prior, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, kl_coef=0.3, reduction="sum")
+    assert summed["loss"].item() == pytest.approx(5 * with_kl["loss"].item(), abs=1e-5)
+
+
+def test_padded_action_slots_give_finite_gradients():
+    """States with fewer actions than the batch's widest (Sub-AS proposal sets) must not put NaNs into the update."""
+    scores = torch.tensor([[0.3, -0.2, 0.1], [0.5, -math.inf, -math.inf]], requires_grad=True)
+    prior = torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]])
+    out = ppo_loss(scores, torch.zeros(2), torch.tensor([1, 0]), torch.tensor([-1.0, 0.0]), torch.zeros(2),
+                   torch.tensor([1.0, -1.0]), torch.zeros(2), prior, 0.2, 0.01, 0.5, 0.1)  # fmt: skip
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and torch.isfinite(scores.grad).all()
+    assert out["entropy"].item() == pytest.approx(entropy(scores[:1]).item() / 2)
+
+
+def test_kl_gradient_pulls_the_policy_towards_the_prior():
+    scores = torch.zeros(1, 3, requires_grad=True)
+    prior = torch.tensor([[0.8, 0.1, 0.1]])
+    kl_to_prior(scores, prior).sum().backward()
+    assert scores.grad[0, 0] < 0 < scores.grad[0, 1]  # gradient descent raises the proposed action's score
+
+
+def test_gae_hand_computed():
+    rewards = np.array([[1.0], [0.0], [2.0]])
+    values = np.array([[0.5], [0.4], [0.3]])
+    ends = np.array([[0.0], [1.0], [0.0]])
+    adv, ret = compute_gae(rewards, values, ends, next_value=np.array([0.2]), gamma=0.9, gae_lambda=0.5)
+    d2 = 2.0 + 0.9 * 0.2 - 0.3
+    d1 = 0.0 - 0.4  # the episode ends at t=1: no bootstrap
+    d0 = 1.0 + 0.9 * 0.4 - 0.5
+    np.testing.assert_allclose(adv[:, 0], [d0 + 0.45 * d1, d1, d2])
+    np.testing.assert_allclose(ret, adv + values)
+
+
+def test_ppo_update_on_a_bandit_moves_probability_to_the_rewarded_action(tiny_llama_dir):
+    """Two actions, one prompt, reward 1 for "go forward": a few PPO iterations make it the likely action."""
+    torch.manual_seed(0)
+    policy = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=0), CPU)
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=3e-3)
+    prompt, actions = "Goal of the agent: go to the red ball \n Action 0:", ["turn left", "go forward"]
+    rng = np.random.default_rng(0)
+
+    def p_forward() -> float:
+        with torch.no_grad():
+            return torch.softmax(policy([prompt], [actions])[0][0], -1)[1].item()
+
+    before = p_forward()
+    for _ in range(8):
+        with torch.no_grad():
+            scores, values = policy([prompt] * 16, [actions] * 16)
+        probs = torch.softmax(scores, -1)
+        picks = torch.tensor([int(rng.choice(2, p=p.double().numpy() / p.double().sum().item())) for p in probs])
+        rewards = (picks == 1).double().numpy()[None, :]
+        old_values = values.double().numpy()[None, :]
+        adv, ret = compute_gae(rewards, old_values, np.ones_like(rewards), np.zeros(16), 0.99, 0.95)
+        old_logp = torch.log_softmax(scores, -1)[range(16), picks]
+        for _ in range(4):
+            new_scores, new_values = policy([prompt] * 16, [actions] * 16)
+            a = torch.tensor(adv[0], dtype=torch.float32)
+            out = ppo_loss(new_scores, new_values, picks, old_logp, values, (a - a.mean()) / (a.std() + 1e-8),
+                           torch.tensor(ret[0], dtype=torch.float32), None, 0.2, 0.0, 0.5, 0.0)  # fmt: skip
+            optimizer.zero_grad()
+            out["loss"].backward()
+            optimizer.step()
+    after = p_forward()
+    assert after > 0.9 and after > before + 0.2, (before, after)
+
+
+# ---- the script ------------------------------------------------------------------------------------------------------
+def run_script(*argv, check=True):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "gflan_prior.py"), *argv], cwd=ROOT,
+                            capture_output=True, text=True)  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"gflan_prior.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def summary_of(result):
+    line = [l for l in result.stdout.splitlines() if l.startswith("summary ")][-1]
+    return json.loads(line[len("summary ") :])
+
+
+def tiny_common(model_dir, tmp_path):
+    return ["--env", "frozenlake", "--policy.model", model_dir, "--prior.model", model_dir, "--prior.cache", "off",
+            "--num-envs", "2", "--num-steps", "8", "--update-epochs", "2", "--eval-episodes", "1", "--eval-freq", "16",
+            "--runs-dir", str(tmp_path), "--torch-threads", "1"]  # fmt: skip
+
+
+def test_gflan_prior_resume_is_exact(tiny_llama_dir, tmp_path):
+    """GFlan-Prior (KL) with a tiny policy and a tiny prior: a run resumed from its first iteration's checkpoint ends
+    with exactly the policy of the uninterrupted run (which also makes same seed -> same numbers)."""
+    common = tiny_common(tiny_llama_dir, tmp_path) + ["--checkpoint-freq", "16", "--kl-coef", "0.5"]
+    full = summary_of(run_script(*common, "--total-timesteps", "48", "--exp-name", "full"))
+    assert full["global_step"] == 48 and full["iterations"] == 3 and full["prior_queries"] > 0
+    run_script(*common, "--total-timesteps", "16", "--exp-name", "part")
+    ckpt = glob.glob(str(tmp_path / "*part*" / "checkpoint.pt"))[0]
+    resumed = summary_of(run_script("--resume", ckpt, "--total-timesteps", "48"))
+    assert resumed["global_step"] == 48
+    a = torch.load(glob.glob(str(tmp_path / "*full*" / "policy.pt"))[0])
+    b = torch.load(glob.glob(str(tmp_path / "*part*" / "policy.pt"))[0])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["eval/return_mean"] == full["eval/return_mean"]
+    assert resumed["prior_queries"] == full["prior_queries"]
+
+
+@pytest.mark.parametrize("variant", [["--kl-coef", "0"], ["--kl-coef", "0", "--sub-action-space"]])
+def test_gflan_and_sub_action_space_run(tiny_llama_dir, tmp_path, variant):
+    result = run_script(*tiny_common(tiny_llama_dir, tmp_path), "--total-timesteps", "16", *variant)
+    summary = summary_of(result)
+    assert summary["global_step"] == 16
+    if "--sub-action-space" in variant:
+        assert summary["prior_queries"] > 0
+    else:
+        assert summary["prior_queries"] == 0 and "LLM queries" not in result.stdout  # GFlan builds no prior
+    events = glob.glob(str(tmp_path / "*" / "events.out.tfevents*"))
+    assert events and os.path.isfile(glob.glob(str(tmp_path / "*" / "eval.jsonl"))[0])
+
+
+def test_runs_on_babyai_text(tiny_llama_dir, tmp_path):
+    common = tiny_common(tiny_llama_dir, tmp_path)
+    common[common.index("frozenlake")] = "babyai-gotoredball"
+    summary = summary_of(run_script(*common, "--total-timesteps", "16", "--sub-action-space"))
+    assert summary["global_step"] == 16 and summary["prior_queries"] > 0
+
+
+def test_sub_action_space_needs_a_prior(tmp_path):
+    result = run_script("--k", "0", "--sub-action-space", "--runs-dir", str(tmp_path), check=False)
+    assert result.returncode != 0 and "needs --k > 0" in result.stderr
+
+
+@pytest.mark.slow
+def test_smoke_embedded_models_on_frozenlake(tmp_path):
+    """The defaults: the embedded SmolLM2 policy and the embedded Gemma prior, two short PPO iterations."""
+    result = run_script("--env", "frozenlake", "--num-envs", "2", "--num-steps", "4", "--num-minibatches", "1",
+                        "--update-epochs", "1", "--total-timesteps", "16", "--eval-episodes", "1", "--runs-dir",
+                        str(tmp_path), "--torch-threads", "1")  # fmt: skip
+    summary = summary_of(result)
+    assert summary["global_step"] == 16 and summary["iterations"] == 2 and summary["prior_cache_hit_rate"] is not None
+    assert "kl_to_prior" in result.stdout
