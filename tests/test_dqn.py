@@ -168,11 +168,12 @@ def shared_prior_cache(tmp_path_factory):
                                     "alfworld-examine"])  # fmt: skip
 def test_dqn_prior_with_the_real_embedded_models(env_id, tmp_path, shared_prior_cache):
     """Gemma-3-270M proposes, all-MiniLM-L6-v2 encodes: every env trains and evaluates end to end."""
-    result = run_script("--env", env_id, "--total-timesteps", "120", "--eval-freq", "120", "--eval-episodes", "1",
+    steps = "40" if env_id.startswith("alfworld") else "120"  # an ALFWorld prompt scores ~30 actions: keep CI short
+    result = run_script("--env", env_id, "--total-timesteps", steps, "--eval-freq", steps, "--eval-episodes", "1",
                         "--learning-starts", "20", "--coverage", "True", "--runs-dir", str(tmp_path),
                         "--prior.cache-path", shared_prior_cache)  # fmt: skip
     summary = summary_of(result)
-    assert summary["global_step"] == 120
+    assert summary["global_step"] == int(steps)
     assert summary["prior_queries"] > 0 and 0.0 <= summary["prior_cache_hit_rate"] <= 1.0
     assert 0.0 <= summary["prior_coverage"] <= 1.0
     assert "coverage" in result.stdout and "LLM queries" in result.stdout
