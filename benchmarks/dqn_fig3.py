@@ -16,7 +16,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALGOS = {"dqn": ["--k", "0"], "dqn_prior": ["--k", "5"]}
+ALGOS = {"dqn": ["--k", "0"], "dqn_prior": ["--k", "5"], "dqn_prior_t1": ["--k", "5", "--prior.dist-temperature", "1"]}
 
 
 def finished_run(runs_dir: str, env: str, algo: str, seed: int):
@@ -37,7 +37,7 @@ def steps_to_success(run_dir: str, threshold: float) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=["overcooked-tomato", "frozenlake"])
-    parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    parser.add_argument("--algos", nargs="+", default=["dqn", "dqn_prior"], choices=list(ALGOS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--total-timesteps", type=int, default=1000)
     parser.add_argument("--eval-freq", type=int, default=100)

@@ -258,10 +258,10 @@ def test_dist_probs_match_slow_reference(tiny_lm_dir, monkeypatch):
 
 
 def test_dist_temperature_flattens_the_proposal_distribution(tiny_lm_dir):
-    """dist samples from softmax(log p(a|s) / T): T = 1 is the prior itself, large T nearly uniform."""
+    """dist samples from softmax(log p(a|s) / T): T = 1 is the LLM's distribution, large T nearly uniform."""
     scores = make_prior(tiny_lm_dir, mode="dist").backend.score(PROMPT, TOMATO_ACTIONS)
     for temperature in (1.0, 1000.0):
-        prior = make_prior(tiny_lm_dir, mode="dist", temperature=temperature)
+        prior = make_prior(tiny_lm_dir, mode="dist", dist_temperature=temperature)
         probs = dqn_prior._softmax(scores / temperature)
         draws = prior.propose(PROMPT, TOMATO_ACTIONS, 4000)
         freq = np.array([draws.count(a) for a in TOMATO_ACTIONS]) / len(draws)
