@@ -1,0 +1,219 @@
+"""Build the offline datasets of Table 1 (Salad(N), ALFWorld-Pick) in the format cql_prior.py and bc.py read.
+
+Episodes are drawn from a documented mix of behaviours, each episode's kind drawn independently with the mix's
+weights: `expert` (the env's `info["expert_action"]` at every step: the Overcooked planner, ALFWorld's PDDL planner),
+`noisy` (the expert, but a uniformly random admissible action with probability --mix.epsilon), `random` (uniform over
+the admissible actions) and `prior` (uniform over the LLM prior's k proposals: the behaviour of an untrained
+DQN-Prior). The authors collected theirs from exploratory DQN(-Prior) runs and balanced them to 75% successful
+episodes (their shipped Salad set: 100 successful and 33 failed episodes); --success-share does the same balancing
+here: an episode is kept only while it does not push the share of successful episodes past the target (nor the share
+of failed ones past 1 − target). Whole episodes are collected until at least --transitions transitions (the paper's
+Salad(N) hold ≈ N: 1186 for N = 1000). Everything is seeded by --seed: the same command writes the same file.
+
+The k proposals at s and s' are then filled from the LLM prior (its disk cache first; the prompt's history is the
+episode's own), so training on the file needs no LLM; `--k 0` stores none (null), and cql_prior.py fills them from
+its prior on load. The header records the prior (identity, k, seed, history, settings), the mix, the kept and
+rejected episodes per kind, the success share and how often the proposals contain the data and the expert action.
+
+Usage:
+    python build_dataset.py --env overcooked-salad --transitions 1000 --out data/salad_1000.jsonl --prior.history 0
+    python build_dataset.py --env alfworld-pick --transitions 6500 --out data/pick.jsonl
+    python build_dataset.py --env overcooked-salad --transitions 24000 --k 0 --out data/salad_24000_noprior.jsonl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+
+from cql_prior import Agent, LLMPrior, PriorArgs, candidate_sets, default_history, load_dataset, make_env, write_dataset
+
+KINDS = ("expert", "noisy", "random", "prior")
+
+
+@dataclass
+class MixArgs:
+    """Weights of the episode kinds (normalised to sum to 1) and the noise of the noisy expert."""
+
+    expert: float = 0.1
+    """weight of expert episodes (the env's expert action at every step)"""
+    noisy: float = 0.65
+    """weight of ε-noisy expert episodes"""
+    random: float = 0.25
+    """weight of episodes of uniformly random admissible actions"""
+    prior: float = 0.0
+    """weight of episodes acting uniformly over the prior's k proposals (an untrained DQN-Prior; needs --k > 0)"""
+    epsilon: float = 0.5
+    """probability of a uniformly random admissible action at each step of a noisy-expert episode"""
+
+
+@dataclass
+class Args:
+    env: str = "overcooked-salad"
+    """the environment id (see `envs.ENV_IDS`)"""
+    transitions: int = 1000
+    """collect whole episodes until at least this many transitions"""
+    out: Optional[str] = None
+    """the dataset to write (None = data/{env}_{transitions}_k{k}_seed{seed}.jsonl)"""
+    seed: int = 1
+    """seed of the episode kinds, the actions, the env resets and the prior's sampling"""
+    mix: MixArgs = field(default_factory=MixArgs)
+    """the behaviour mix"""
+    success_share: Optional[float] = 0.75
+    """keep episodes so that this share of them is successful (the authors: 75%); None = keep every episode"""
+    max_rejections: int = 5000
+    """give up after this many episodes in a row are rejected by the success-share balancing"""
+    k: int = 5
+    """number of LLM prior proposals stored per state; 0 = store none (null)"""
+    prior: PriorArgs = field(default_factory=lambda: PriorArgs())
+    """the LLM action prior"""
+    split: Optional[str] = None
+    """ALFWorld only: the game split to collect on (None = the env's default, train)"""
+    torch_threads: Optional[int] = None
+    """torch CPU threads for the prior (None = torch's default); 1 is faster when other processes share the cores"""
+
+
+def rollout(env, kind: str, rng: np.random.Generator, epsilon: float, reset_seed: int,
+            agent: Optional[Agent] = None) -> tuple[list[dict], bool, int]:  # fmt: skip
+    """One episode of behaviour `kind` -> (transitions without episode id or proposals, success, expert misses).
+
+    Each transition also carries `_expert`, the expert's action at s (None where the env has none), for the
+    coverage statistics; it is not written to the dataset."""
+    obs, info = env.reset(seed=reset_seed)
+    history: list[tuple[str, str]] = []
+    records, misses, done = [], 0, False
+    while not done:
+        admissible = list(info["admissible_actions"])
+        expert = info.get("expert_action")
+        if kind == "prior":
+            cands = agent.candidates(obs, info, history)
+            action = cands[int(rng.integers(len(cands)))]
+        elif kind == "random" or (kind == "noisy" and rng.random() < epsilon) or expert is None:
+            misses += kind != "random" and expert is None
+            action = admissible[int(rng.integers(len(admissible)))]
+        else:
+            action = expert
+        next_obs, reward, terminated, truncated, next_info = env.step(action)
+        records.append({
+            "step": len(history), "task": info["task"], "obs": obs, "admissible": admissible, "action": action,
+            "reward": float(reward), "next_obs": next_obs, "next_admissible": list(next_info["admissible_actions"]),
+            "terminated": bool(terminated), "truncated": bool(truncated), "proposals": None, "next_proposals": None,
+            "_expert": expert})  # fmt: skip
+        history.append((obs, action))
+        obs, info, done = next_obs, next_info, terminated or truncated
+    return records, bool(info.get("success", False)), misses
+
+
+def keep_episode(success: bool, kept: int, kept_successes: int, share: Optional[float]) -> bool:
+    """Success-share balancing: keep an episode unless it pushes the share of successful (or of failed) episodes
+    past the target, counted with the episode added."""
+    if share is None:
+        return True
+    if success:
+        return kept_successes < share * (kept + 1)
+    return kept - kept_successes < (1.0 - share) * (kept + 1)
+
+
+def mix_weights(mix: MixArgs, k: int) -> np.ndarray:
+    weights = np.array([mix.expert, mix.noisy, mix.random, mix.prior], dtype=np.float64)
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise SystemExit(f"the mix weights must be >= 0 and not all 0, got {dataclasses.asdict(mix)}")
+    if mix.prior > 0 and k == 0:
+        raise SystemExit("--mix.prior > 0 acts over the prior's proposals: it needs --k > 0")
+    return weights / weights.sum()
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    out = args.out or os.path.join("data", f"{args.env}_{args.transitions}_k{args.k}_seed{args.seed}.jsonl")
+    weights = mix_weights(args.mix, args.k)
+    if args.k == 0:
+        args.prior.mode = "none"
+    rng = np.random.default_rng(args.seed)
+    needs_expert = args.mix.expert > 0 or args.mix.noisy > 0
+    env = make_env(args.env, split=args.split, expert=needs_expert)
+    history_len = args.prior.history if args.prior.history is not None else default_history(args.env)
+    prior = LLMPrior(args.prior, seed=args.seed) if args.k > 0 else None
+    agent = Agent(args.env, args.k, prior, None, None, history_len, None)  # proposals only: no encoder, no Q
+
+    # Collect: episode kinds from the mix, kept or rejected by the success-share balancing.
+    start = time.time()
+    episodes: list[list[dict]] = []
+    successes: list[bool] = []
+    stats = {kind: {"kept": 0, "successful": 0, "rejected": 0} for kind in KINDS}
+    kept_successes, transitions, rejected_in_a_row, expert_misses, attempts = 0, 0, 0, 0, 0
+    while transitions < args.transitions:
+        kind = KINDS[int(rng.choice(len(KINDS), p=weights))]
+        records, success, misses = rollout(env, kind, rng, args.mix.epsilon, int(rng.integers(2**31)), agent)
+        attempts += 1
+        if not keep_episode(success, len(episodes), kept_successes, args.success_share):
+            stats[kind]["rejected"] += 1
+            rejected_in_a_row += 1
+            if rejected_in_a_row >= args.max_rejections:
+                raise SystemExit(
+                    f"{rejected_in_a_row} episodes in a row rejected: this mix cannot reach --success-share "
+                    f"{args.success_share} (kept {len(episodes)} episodes, {kept_successes} successful). Add "
+                    "failing behaviour (--mix.random) or succeeding behaviour (--mix.expert), or pass "
+                    "--success-share None"
+                )
+            continue
+        rejected_in_a_row = 0
+        expert_misses += misses
+        for r in records:
+            r["episode"] = len(episodes)
+        episodes.append(records)
+        successes.append(success)
+        kept_successes += success
+        transitions += len(records)
+        stats[kind]["kept"] += 1
+        stats[kind]["successful"] += success
+        if len(episodes) % 50 == 0:
+            print(f"collecting: {transitions}/{args.transitions} transitions, {len(episodes)} episodes, "
+                  f"{time.time() - start:.0f} s", flush=True)  # fmt: skip
+    print(f"collected {transitions} transitions in {len(episodes)} episodes ({kept_successes} successful, "
+          f"{attempts - len(episodes)} rejected) in {time.time() - start:.0f} s: "
+          + ", ".join(f"{k} {v['kept']}" for k, v in stats.items()), flush=True)  # fmt: skip
+
+    # The k proposals at s and s', episode by episode (cache first, then the LLM), with progress.
+    fill_start = time.time()
+    if prior is not None:
+        done_transitions = 0
+        for i, records in enumerate(episodes):
+            cands, next_cands = candidate_sets(records, agent, use_stored=False)
+            for r, c, nc in zip(records, cands, next_cands):
+                r["proposals"], r["next_proposals"] = c, nc
+            done_transitions += len(records)
+            if (i + 1) % 20 == 0 or i + 1 == len(episodes):
+                print(f"proposals: {done_transitions}/{transitions} transitions, {prior.queries} LLM queries, cache "
+                      f"hit {prior.cache_hit_rate:.2f}, {time.time() - fill_start:.0f} s", flush=True)  # fmt: skip
+
+    records = [r for episode in episodes for r in episode]
+    with_expert = [r for r in records if r["_expert"] is not None]
+    header = {
+        "env": args.env, "prior": prior.identity if prior else None, "k": args.k if prior else 0,
+        "prior_seed": args.seed if prior else None, "history": history_len if prior else None,
+        "prior_args": dataclasses.asdict(args.prior) if prior else None,
+        "source": "build_dataset.py", "seed": args.seed, "split": args.split,
+        "mix": dataclasses.asdict(args.mix), "success_share_target": args.success_share,
+        "transitions": len(records), "episodes": len(episodes), "successful_episodes": kept_successes,
+        "success_share": kept_successes / len(episodes),
+        "success_transition_share": sum(len(e) for e, ok in zip(episodes, successes) if ok) / len(records),
+        "episodes_by_kind": stats, "rejected_episodes": attempts - len(episodes), "expert_misses": expert_misses,
+        "data_action_in_proposals": float(np.mean([r["action"] in r["proposals"] for r in records])) if prior else None,
+        "expert_action_in_proposals": (float(np.mean([r["_expert"] in r["proposals"] for r in with_expert]))
+                                       if prior and with_expert else None),
+        "prior_queries": prior.queries if prior else 0,
+    }  # fmt: skip
+    write_dataset(out, header, records)
+    load_dataset(out)  # the file reads back
+    print("dataset " + json.dumps({"out": out, **{k: v for k, v in header.items() if k != "prior_args"}}), flush=True)

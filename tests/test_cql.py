@@ -1,0 +1,293 @@
+"""cql_prior.py: the Eq. 7 loss against hand-computed values, the candidate sets it is taken over, the parts shared
+verbatim with dqn_prior.py, and subprocess runs of build_dataset.py + cql_prior.py (a tiny random LM as the prior;
+the embedded Gemma-3-270M in the slow test)."""
+
+import glob
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+import cql_prior
+import dqn_prior
+from cql_prior import OfflineData, cql_loss, feature_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- the loss (Eq. 7) ------------------------------------------------------------------------------------------------
+def lse(*xs: float) -> float:
+    return math.log(sum(math.exp(x) for x in xs))
+
+
+# Two states. State 0: admissible actions with Q = [1, 2, 5, 0], the data action is the first (Q 1), the prior
+# proposed the first two. State 1: Q = [0, 3, -1], data action the first (Q 0), the prior proposed actions 0 and 2.
+Q_ALL = [[1.0, 2.0, 5.0, 0.0], [0.0, 3.0, -1.0, -9.0]]
+MASK_ALL = [[True, True, True, True], [True, True, True, False]]
+Q_SA = torch.tensor([1.0, 0.0])
+TARGET = torch.tensor([1.5, 1.0])
+TD = 0.5 * ((1.0 - 1.5) ** 2 + (0.0 - 1.0) ** 2) / 2  # ½·mean squared TD error = 0.3125
+
+
+def test_cql_prior_loss_hand_computed():
+    cand_q = torch.tensor([[1.0, 2.0], [0.0, -1.0]])  # Q of the proposals
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    loss, td, penalty = cql_loss(Q_SA, TARGET, cand_q, mask, beta=5.0)
+    expected_penalty = ((lse(1, 2) - 1) + (lse(0, -1) - 0)) / 2
+    assert td.item() == pytest.approx(TD)
+    assert penalty.item() == pytest.approx(expected_penalty)
+    assert loss.item() == pytest.approx(TD + 5.0 * expected_penalty)
+
+
+def test_plain_cql_loss_takes_every_admissible_action():
+    loss, td, penalty = cql_loss(Q_SA, TARGET, torch.tensor(Q_ALL), torch.tensor(MASK_ALL), beta=5.0)
+    expected_penalty = ((lse(1, 2, 5, 0) - 1) + (lse(0, 3, -1) - 0)) / 2  # the padded -9 is not an action
+    assert penalty.item() == pytest.approx(expected_penalty)
+    assert loss.item() == pytest.approx(TD + 5.0 * expected_penalty)
+    # the prior restriction: the same Q, but only the proposals enter the logsumexp
+    prior_only = torch.tensor([[True, True, False, False], [True, False, True, False]])
+    _, _, restricted = cql_loss(Q_SA, TARGET, torch.tensor(Q_ALL), prior_only, beta=5.0)
+    assert restricted.item() == pytest.approx(((lse(1, 2) - 1) + (lse(0, -1) - 0)) / 2)
+    assert restricted.item() < penalty.item()
+
+
+def test_logsumexp_set_is_the_proposals_only():
+    """Q of an action outside C(s) changes nothing and gets no gradient; each proposal gets its softmax weight."""
+    cand_q = torch.tensor(Q_ALL, requires_grad=True)
+    mask = torch.tensor([[True, True, False, False], [True, False, True, False]])
+    _, _, penalty = cql_loss(Q_SA, TARGET, cand_q, mask, beta=1.0)
+    penalty.backward()
+    grad = cand_q.grad
+    assert torch.all(grad[~mask] == 0)
+    w = torch.softmax(torch.tensor([1.0, 2.0]), 0) / 2  # d mean(lse)/dQ for state 0
+    assert torch.allclose(grad[0, :2], w)
+    other = torch.tensor(Q_ALL)
+    other[0, 2], other[1, 1] = 100.0, -100.0  # non-proposed actions
+    _, _, same = cql_loss(Q_SA, TARGET, other, mask, beta=1.0)
+    assert same.item() == pytest.approx(penalty.item())
+
+
+def test_data_action_joins_the_set_where_not_proposed_and_duplicates_count():
+    # state 0's data action (Q 1) is proposed ([1, 2] holds it), state 1's (Q 0) is not ([3, -1])
+    cand_q = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    _, _, eq7 = cql_loss(Q_SA, TARGET, cand_q, mask, beta=5.0)
+    assert eq7.item() == pytest.approx(((lse(1, 2) - 1) + (lse(3, -1) - 0)) / 2)
+    _, _, union = cql_loss(Q_SA, TARGET, cand_q, mask, beta=5.0, add_data_action=torch.tensor([False, True]))
+    assert union.item() == pytest.approx(((lse(1, 2) - 1) + (lse(3, -1, 0) - 0)) / 2)
+    # C(s) ∪ {a} bounds the penalty below by 0; Eq. 7's set alone does not when a is not proposed
+    low = torch.tensor([[-50.0, -60.0]])
+    _, _, p_eq7 = cql_loss(torch.tensor([0.0]), torch.tensor([0.0]), low, torch.ones(1, 2, dtype=torch.bool), 1.0)
+    _, _, p_union = cql_loss(torch.tensor([0.0]), torch.tensor([0.0]), low, torch.ones(1, 2, dtype=torch.bool), 1.0,
+                             add_data_action=torch.tensor([True]))  # fmt: skip
+    assert p_eq7.item() == pytest.approx(lse(-50, -60)) and 0 <= p_union.item() < 1e-6
+    # a proposal drawn twice counts twice (the authors kept duplicates)
+    dup = torch.tensor([[2.0, 2.0]]), torch.ones(1, 2, dtype=torch.bool)
+    _, _, p = cql_loss(torch.tensor([1.0]), torch.tensor([1.0]), *dup, beta=1.0)
+    assert p.item() == pytest.approx(lse(2, 2) - 1)
+
+
+def test_beta_zero_is_half_td_and_reductions():
+    cand_q, mask = torch.tensor([[1.0, 2.0], [0.0, -1.0]]), torch.ones(2, 2, dtype=torch.bool)
+    loss, td, _ = cql_loss(Q_SA, TARGET, cand_q, mask, beta=0.0)
+    assert loss.item() == pytest.approx(TD) and td.item() == pytest.approx(TD)
+    _, td_sum, _ = cql_loss(Q_SA, TARGET, cand_q, mask, beta=0.0, reduction="sum")
+    assert td_sum.item() == pytest.approx(0.5 * (0.25 + 1.0))
+
+
+def test_empty_candidate_set_adds_no_penalty_and_no_nan():
+    q_sa = torch.tensor([1.0, 0.0], requires_grad=True)
+    cand_q = torch.tensor([[1.0, 2.0], [7.0, 7.0]], requires_grad=True)
+    mask = torch.tensor([[True, True], [False, False]])
+    loss, _, penalty = cql_loss(q_sa, TARGET, cand_q, mask, beta=5.0)
+    loss.backward()
+    assert penalty.item() == pytest.approx((lse(1, 2) - 1) / 2)
+    assert torch.isfinite(q_sa.grad).all() and torch.isfinite(cand_q.grad).all()
+    assert torch.all(cand_q.grad[1] == 0)
+
+
+class FakeEncoder:
+    """encoder.ids() without a model: a row per distinct string."""
+
+    def __init__(self):
+        self.index, self.texts = {}, []
+
+    def ids(self, texts):
+        for t in texts:
+            if t not in self.index:
+                self.index[t] = len(self.texts)
+                self.texts.append(t)
+        return [self.index[t] for t in texts]
+
+
+def test_offline_data_rows_are_the_proposals():
+    """The logsumexp rows of a transition are the stored proposals at s, the Bellman rows those at s'."""
+    records = [
+        {"task": "t", "obs": "s0", "action": "a", "reward": 0.0, "terminated": False, "next_obs": "s1"},
+        {"task": "t", "obs": "s1", "action": "c", "reward": 1.0, "terminated": True, "next_obs": "s2"},
+    ]
+    cands = [["b", "b", "d"], ["c"]]  # "a" (the data action) is not proposed at s0
+    next_cands = [["c", "e"], []]
+    enc = FakeEncoder()
+    data = OfflineData("overcooked-salad", records, cands, next_cands, enc)
+    text = lambda i: enc.texts[i]  # noqa: E731
+    assert text(data.sa[0]) == feature_text("overcooked-salad", "t", "s0", "a")
+    row = [text(i) for i, m in zip(data.cand[0], data.cand_mask[0]) if m]
+    assert row == [feature_text("overcooked-salad", "t", "s0", a) for a in ["b", "b", "d"]]
+    nxt = [text(i) for i, m in zip(data.next_sa[0], data.next_mask[0]) if m]
+    assert nxt == [feature_text("overcooked-salad", "t", "s1", a) for a in ["c", "e"]]
+    assert not data.next_mask[1].any() and data.terminated.tolist() == [0.0, 1.0]
+    assert data.data_in_set.tolist() == [False, True]
+
+
+# ---- verbatim copies -------------------------------------------------------------------------------------------------
+SHARED = ["EvalPriorArgs", "PriorArgs", "default_history", "build_prompt", "project_to_admissible", "ProposalCache",
+          "resolve_model", "materialize_gguf", "TransformersBackend", "VLLMBackend", "OpenAIBackend", "LLMPrior",
+          "resolve_encoder", "feature_text", "TextEncoder", "QNetwork", "td_target", "td_loss", "write_dataset",
+          "Agent", "evaluate", "save_checkpoint", "rng_state", "set_rng_state", "make_env"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_parts_are_verbatim_copies_of_dqn_prior(name):
+    """STYLE.md: duplicated parts stay identical, so that `diff dqn_prior.py cql_prior.py` shows the algorithm."""
+    assert inspect.getsource(getattr(cql_prior, name)) == inspect.getsource(getattr(dqn_prior, name))
+    assert cql_prior.DATASET_FIELDS == dqn_prior.DATASET_FIELDS
+
+
+# ---- scripts ---------------------------------------------------------------------------------------------------------
+CORPUS = [
+    "Your task is to serve the dish of a bowl only containing chopped tomato and lettuce. There are two fixed",
+    "cutting boards in the room. You notice a tomato, a lettuce and an onion on the different tables. Action:",
+    "pick up the tomato, take the empty bowl, walk to the first cutting board, serve nothing, chop nothing",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A random causal LM + BPE tokenizer saved as a local HF folder (the same load path as a real prior)."""
+    torch.manual_seed(0)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<pad>", "<eos>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id)  # fmt: skip
+    folder = tmp_path_factory.mktemp("cql-llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def run(script, *argv, check=True):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, capture_output=True,
+                            text=True)  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def last_json(result, prefix):
+    line = [l for l in result.stdout.splitlines() if l.startswith(prefix)][-1]
+    return json.loads(line[len(prefix) :])
+
+
+@pytest.fixture(scope="module")
+def salad_k0(tmp_path_factory):
+    """A small Salad dataset without proposals (no LLM needed to build it)."""
+    path = tmp_path_factory.mktemp("data") / "salad.jsonl"
+    info = last_json(run("build_dataset.py", "--env", "overcooked-salad", "--transitions", "300", "--k", "0",
+                         "--out", str(path)), "dataset ")  # fmt: skip
+    assert info["transitions"] >= 300 and info["prior"] is None
+    return str(path)
+
+
+def test_smoke_cql_without_prior_and_exact_resume(salad_k0, tmp_path):
+    """--k 0 (CQL over all admissible actions) trains and evaluates without an LLM; a run resumed from a checkpoint
+    ends with exactly the Q-network of the uninterrupted run (same seed, CPU)."""
+    common = ["--dataset", salad_k0, "--k", "0", "--eval-freq", "100", "--eval-episodes", "2", "--runs-dir",
+              str(tmp_path), "--torch-threads", "1"]  # fmt: skip
+    full = last_json(run("cql_prior.py", *common, "--total-steps", "200", "--exp-name", "full"), "summary ")
+    assert full["global_step"] == 200 and full["prior_queries"] == 0 and full["data_action_coverage"] == 1.0
+    assert {"eval/return_mean", "eval/return_std", "eval/success_rate", "best_eval_return"} <= set(full)
+    evals = [json.loads(l) for l in open(glob.glob(str(tmp_path / "*full*" / "eval.jsonl"))[0])]
+    assert [e["global_step"] for e in evals] == [100, 200]
+    assert full["best_eval_return"] == max(e["eval/return_mean"] for e in evals)
+    run("cql_prior.py", *common, "--total-steps", "100", "--exp-name", "part", "--checkpoint-freq", "100")
+    ckpt = glob.glob(str(tmp_path / "*part*" / "checkpoint.pt"))[0]
+    resumed = last_json(run("cql_prior.py", "--resume", ckpt, "--total-steps", "200"), "summary ")
+    assert resumed["global_step"] == 200 and resumed["eval/return_mean"] == full["eval/return_mean"]
+    a = torch.load(glob.glob(str(tmp_path / "*full*" / "q_network.pt"))[0])
+    b = torch.load(glob.glob(str(tmp_path / "*part*" / "q_network.pt"))[0])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mismatched_or_corrupt_dataset_is_a_clear_error(salad_k0, tmp_path):
+    common = ["--dataset", salad_k0, "--k", "0", "--total-steps", "20", "--eval-episodes", "1", "--runs-dir",
+              str(tmp_path), "--torch-threads", "1"]  # fmt: skip
+    bad = run("cql_prior.py", *common, "--env", "overcooked-tomato", check=False)
+    assert bad.returncode != 0 and "does not match" in bad.stderr and "--allow-mismatch" in bad.stderr
+    assert "overcooked-salad" in bad.stderr
+    # allowed on request; --cql-beta 0 is offline DQN (no penalty in the loss)
+    dqn = last_json(run("cql_prior.py", *common, "--env", "overcooked-tomato", "--allow-mismatch", "--cql-beta", "0"),
+                    "summary ")  # fmt: skip
+    assert dqn["global_step"] == 20 and dqn["run_name"].startswith("overcooked-tomato")
+    cut = tmp_path / "cut.jsonl"
+    text = open(salad_k0).read()
+    cut.write_text(text[: len(text) // 2])
+    bad = run("cql_prior.py", "--dataset", str(cut), "--k", "0", "--runs-dir", str(tmp_path), check=False)
+    assert bad.returncode != 0 and str(cut) in bad.stderr and "truncated" in bad.stderr
+    missing = run("cql_prior.py", "--runs-dir", str(tmp_path), check=False)
+    assert missing.returncode != 0 and "--dataset" in missing.stderr
+
+
+def test_smoke_prior_proposals_stored_mean_no_llm_in_training(tiny_lm_dir, tmp_path):
+    """build_dataset.py stores the prior's proposals; cql_prior.py trains on them with zero LLM queries, then
+    evaluates over the prior's proposals (new states query the LLM)."""
+    data = tmp_path / "salad_k2.jsonl"
+    prior = ["--k", "2", "--prior.model", tiny_lm_dir, "--prior.cache", "disk", "--prior.cache-path",
+             str(tmp_path / "cache.sqlite")]  # fmt: skip
+    info = last_json(run("build_dataset.py", "--transitions", "60", "--out", str(data), "--mix.prior", "0.5", *prior),
+                     "dataset ")  # fmt: skip
+    assert info["k"] == 2 and info["prior"].endswith(":dist") and info["prior_queries"] > 0
+    assert 0.0 <= info["data_action_in_proposals"] <= 1.0
+    header = json.loads(open(data).readline())
+    assert header["prior_seed"] == 1 and header["history"] == 5  # Salad's default prompt history
+    records = [json.loads(l) for l in open(data).readlines()[1:]]
+    assert all(len(r["proposals"]) == 2 for r in records)
+    assert all(r["next_proposals"] == [] for r in records if r["terminated"])
+    common = ["--dataset", str(data), "--total-steps", "100", "--eval-freq", "100", "--eval-episodes", "1",
+              "--runs-dir", str(tmp_path), "--torch-threads", "1"]  # fmt: skip
+    summary = last_json(run("cql_prior.py", *common, *prior), "summary ")
+    assert summary["dataset_prior_queries"] == 0 and summary["global_step"] == 100
+    assert summary["data_action_coverage"] == pytest.approx(info["data_action_in_proposals"])
+    # another k is another prior: refused, unless asked for
+    bad = run("cql_prior.py", *common, "--k", "3", *prior[2:], check=False)
+    assert bad.returncode != 0 and "k 2 (this run: 3)" in bad.stderr
+
+
+@pytest.mark.slow
+def test_smoke_embedded_prior(tmp_path):
+    """The embedded Gemma-3-270M fills the proposals of one expert episode; training uses them without a query."""
+    data = tmp_path / "salad_gemma.jsonl"
+    prior = ["--k", "2", "--prior.history", "0", "--prior.cache-path", str(tmp_path / "cache.sqlite")]
+    info = last_json(run("build_dataset.py", "--transitions", "5", "--mix.expert", "1", "--mix.noisy", "0",
+                         "--mix.random", "0", "--success-share", "None", "--out", str(data), "--torch-threads", "1",
+                         *prior), "dataset ")  # fmt: skip
+    assert info["episodes"] == 1 and info["successful_episodes"] == 1 and "gemma" in info["prior"]
+    summary = last_json(run("cql_prior.py", "--dataset", str(data), "--total-steps", "50", "--eval-freq", "50",
+                            "--eval-episodes", "1", "--eval-k", "0", "--runs-dir", str(tmp_path), *prior),
+                        "summary ")  # fmt: skip
+    assert summary["dataset_prior_queries"] == 0 and summary["prior_queries"] == 0
