@@ -322,7 +322,8 @@ def llmprior_cache_dir() -> Path:
 
 
 class ProposalCache:
-    """Proposals by key: `off`, `memory` (a dict) or `disk` (SQLite, shared by processes, survives restarts).
+    """Proposals (and action scores) by key: `off`, `memory` (a dict) or `disk` (SQLite, shared by processes,
+    survives restarts). Values are JSON lists.
 
     Disk writes use WAL and a busy timeout so that two runs can write the same file at once; `INSERT OR IGNORE`
     keeps the first value, which is fine because proposals are a deterministic function of their key.
@@ -333,7 +334,7 @@ class ProposalCache:
             raise ValueError(f"cache kind must be off, memory or disk, got {kind!r}")
         self.kind = kind
         self.path = Path(path) if path else llmprior_cache_dir() / "proposals.sqlite"
-        self._memory: dict[str, list[str]] = {}
+        self._memory: dict[str, list] = {}
         self._conn: Optional[sqlite3.Connection] = None
         self._pid = -1
         if kind == "disk":
@@ -355,7 +356,7 @@ class ProposalCache:
     def make_key(**fields) -> str:
         return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
-    def get(self, key: str) -> Optional[list[str]]:
+    def get(self, key: str) -> Optional[list]:
         if self.kind == "off":
             return None
         if key in self._memory:
@@ -367,13 +368,13 @@ class ProposalCache:
                 return list(self._memory[key])
         return None
 
-    def put(self, key: str, proposals: list[str]) -> None:
+    def put(self, key: str, value: list) -> None:
         if self.kind == "off":
             return
-        self._memory[key] = list(proposals)
+        self._memory[key] = list(value)
         if self.kind == "disk":
             self._connect().execute(
-                "INSERT OR IGNORE INTO proposals (key, proposals) VALUES (?, ?)", (key, json.dumps(list(proposals)))
+                "INSERT OR IGNORE INTO proposals (key, proposals) VALUES (?, ?)", (key, json.dumps(list(value)))
             )
 
     def __len__(self) -> int:
@@ -839,7 +840,8 @@ class LLMPrior:
             raise ValueError(f"unknown backend {args.backend!r}")
         self.identity = f"{args.backend}:{self.backend.label}:{args.mode}"
         self.cache = ProposalCache(args.cache, args.cache_path)
-        self.queries = 0  # proposal sets computed by the LLM (cache misses) plus action_probs calls
+        self.queries = 0  # states whose proposals (or probabilities) needed the LLM, i.e. cache misses that called it
+        self.llm_calls = 0  # generations (map, constrained) and scorings of an action list (dist; cached on their own)
         self.lookups = 0  # propose() calls
         self.cache_hits = 0
         self.free_outputs = 0  # map mode: free-form samples projected ...
@@ -867,10 +869,26 @@ class LLMPrior:
             admissible=list(admissible),
         )  # fmt: skip
 
+    def scores(self, prompt: str, admissible: list[str]) -> np.ndarray:
+        """Log-likelihoods of the admissible actions given the prompt, cached on their own: `dist` proposals at any
+        k, temperature or seed (the k and temperature ablations, Table 2's eval k) then cost no LLM call."""
+        a = self.args
+        key = ProposalCache.make_key(what="scores", identity=self.identity, numerics=self.backend.numerics,
+                                     score_normalize=a.score_normalize, prompt=prompt, admissible=list(admissible))  # fmt: skip
+        hit = self.cache.get(key)
+        if hit is not None:
+            return np.asarray(hit, dtype=np.float64)
+        self.llm_calls += 1
+        scores = np.asarray(self.backend.score(prompt, list(admissible)), dtype=np.float64)
+        self.cache.put(key, scores.tolist())
+        return scores
+
     def action_probs(self, prompt: str, admissible: list[str]) -> np.ndarray:
         """p_LLM^dist(a|s) over `admissible`: softmax of the actions' log-likelihoods given the prompt."""
-        self.queries += 1
-        return _softmax(self.backend.score(prompt, list(admissible)))
+        calls = self.llm_calls
+        probs = _softmax(self.scores(prompt, list(admissible)))
+        self.queries += self.llm_calls > calls
+        return probs
 
     def propose(self, prompt: str, admissible: list[str], k: int) -> list[str]:
         """k admissible actions sampled from the prior (duplicates kept unless `dedup`, then <= k distinct)."""
@@ -883,8 +901,9 @@ class LLMPrior:
         if hit is not None:
             self.cache_hits += 1
             return hit
-        self.queries += 1
+        calls = self.llm_calls
         proposals = self._sample(prompt, admissible, k, self.query_seed(prompt, admissible))
+        self.queries += self.llm_calls > calls
         if self.args.dedup:
             proposals = list(dict.fromkeys(proposals))
         self.cache.put(key, proposals)
@@ -893,8 +912,9 @@ class LLMPrior:
     def _sample(self, prompt: str, admissible: list[str], k: int, qseed: int) -> list[str]:
         mode = self.args.mode
         if mode == "dist":
-            probs = _softmax(self.backend.score(prompt, admissible) / self.args.dist_temperature)
+            probs = _softmax(self.scores(prompt, admissible) / self.args.dist_temperature)
             return [admissible[i] for i in np.random.default_rng(qseed).choice(len(admissible), size=k, p=probs)]
+        self.llm_calls += 1
         if mode == "constrained":
             return self.backend.sample_choices(prompt, admissible, k, qseed)
         outputs = self.backend.sample(prompt, k, qseed)
@@ -905,7 +925,7 @@ class LLMPrior:
             if self.args.unmatched == "last":
                 projected = [admissible[-1] if p is None else p for p in projected]
             else:
-                probs = _softmax(self.backend.score(prompt, admissible) / self.args.dist_temperature)
+                probs = _softmax(self.scores(prompt, admissible) / self.args.dist_temperature)
                 draws = iter(np.random.default_rng(qseed).choice(len(admissible), size=len(projected), p=probs))
                 projected = [admissible[next(draws)] if p is None else p for p in projected]
         return projected

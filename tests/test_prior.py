@@ -231,7 +231,7 @@ def test_map_unmatched_last_gives_last_action():
 
     prior = object.__new__(LLMPrior)
     prior.args, prior.seed, prior.backend = PriorArgs(mode="map", unmatched="last", cache="off"), 0, Fixed()
-    prior.free_outputs = prior.unmatched_outputs = 0
+    prior.free_outputs = prior.unmatched_outputs = prior.llm_calls = 0
     out = prior._sample("p", TOMATO_ACTIONS, 4, 0)
     assert out == ["take the bowl", "chop nothing", "chop nothing", "serve nothing"]
     assert prior.unmatched_rate == 0.5
@@ -323,6 +323,21 @@ def test_cache_hit_skips_the_llm(tiny_lm_dir, tmp_path):
     assert restarted.propose(PROMPT, TOMATO_ACTIONS, 5) == first and restarted.queries == 0
     # Another k (or mode, seed, ...) is another key.
     assert restarted.cache_key(PROMPT, TOMATO_ACTIONS, 4) != restarted.cache_key(PROMPT, TOMATO_ACTIONS, 5)
+
+
+def test_dist_scores_are_cached_so_other_k_and_temperatures_cost_no_llm_call(tiny_lm_dir, tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    prior = make_prior(tiny_lm_dir, mode="dist", cache="disk", cache_path=path)
+    five = prior.propose(PROMPT, TOMATO_ACTIONS, 5)
+    assert prior.queries == 1
+    fresh = make_prior(tiny_lm_dir, mode="dist", cache="off")  # the same draws without any cache
+    assert fresh.propose(PROMPT, TOMATO_ACTIONS, 15) == prior.propose(PROMPT, TOMATO_ACTIONS, 15)
+    prior.backend.score = None  # any further LLM call fails
+    hot = LLMPrior(PriorArgs(model=tiny_lm_dir, mode="dist", cache="disk", cache_path=path, dist_temperature=1.0), seed=0)
+    hot.backend.score = None
+    assert len(hot.propose(PROMPT, TOMATO_ACTIONS, 10)) == 10 and hot.queries == 0
+    assert prior.propose(PROMPT, TOMATO_ACTIONS, 5) == five and prior.queries == 1
+    assert np.allclose(hot.action_probs(PROMPT, TOMATO_ACTIONS), fresh.action_probs(PROMPT, TOMATO_ACTIONS))
 
 
 def test_proposal_cache_kinds_and_restart(tmp_path):
