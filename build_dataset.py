@@ -8,12 +8,20 @@ DQN-Prior). The authors collected theirs from exploratory DQN(-Prior) runs and b
 episodes (their shipped Salad set: 100 successful and 33 failed episodes); --success-share does the same balancing
 here: an episode is kept only while it does not push the share of successful episodes past the target (nor the share
 of failed ones past 1 − target). Whole episodes are collected until at least --transitions transitions (the paper's
-Salad(N) hold ≈ N: 1186 for N = 1000). Everything is seeded by --seed: the same command writes the same file.
+Salad(N) hold ≈ N: 1186 for N = 1000). Everything is seeded by --seed: the same command writes the same file, and
+with one seed a smaller dataset is a prefix of a larger one (Salad(1000) ⊂ Salad(4000) ⊂ Salad(24000)).
 
 The k proposals at s and s' are then filled from the LLM prior (its disk cache first; the prompt's history is the
 episode's own), so training on the file needs no LLM; `--k 0` stores none (null), and cql_prior.py fills them from
 its prior on load. The header records the prior (identity, k, seed, history, settings), the mix, the kept and
 rejected episodes per kind, the success share and how often the proposals contain the data and the expert action.
+
+Measured with the default mix (10% expert, 65% noisy with ε = 0.5, 25% random; 75% successful), seed 1: Salad(1000)
+1011 transitions in 34 episodes (success share 0.74, 55% of the transitions in successful episodes), Salad(24000)
+24000 in 835 (0.75, 56%), ALFWorld-Pick 6510 in 289 (0.75, 33%). `--prior.history 0` keeps the prior affordable on
+a CPU: with Salad's default 5-pair history nearly every transition is a new prompt (one LLM query each, 2-6 s with
+the embedded Gemma-3-270M on 2 busy cores), with 0 the 24,000 Salad transitions hold 564 distinct states (569
+queries, 35 min). ALFWorld-Pick's 6510 transitions hold 2752 distinct states.
 
 Usage:
     python build_dataset.py --env overcooked-salad --transitions 1000 --out data/salad_1000.jsonl --prior.history 0
