@@ -17,7 +17,7 @@ Not in the authors' code (they never released BC); choices, with reasons:
 
     python dqn_prior.py --env frozenlake --k 0 --total-timesteps 2000 --save-dataset data/frozenlake.jsonl
     python bc.py --dataset data/frozenlake.jsonl --total-steps 500
-    python bc.py --dataset data/salad.jsonl --env overcooked-salad --policy.model gemma
+    python bc.py --dataset data/salad_1000.jsonl --policy.model gemma
 """
 
 from __future__ import annotations

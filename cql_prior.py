@@ -139,6 +139,9 @@ class Args:
     """k at evaluation time (default: --k)"""
     eval_prior: EvalPriorArgs = field(default_factory=EvalPriorArgs)
     """another LLM prior at evaluation time (default: the training prior)"""
+    load_model: Optional[str] = None
+    """start from this Q-network (a run's q_network.pt or checkpoint.pt); with a total of 0 steps the run only
+    evaluates it, e.g. with another --eval-k or --eval-prior.model (Table 2)"""
     allow_mismatch: bool = False
     """if toggled, train on a dataset whose env, prior, k, history or prior seed differ from this run's (the
     generalisation experiments): its stored proposals are used as they are, missing ones come from this run's prior"""
@@ -1202,10 +1205,19 @@ def load_dataset(path: str) -> tuple[dict, list[dict]]:
     return header, records
 
 
+# The prior settings that change which proposals a prompt gets, by mode (the rest of PriorArgs does not).
+PROPOSAL_SETTINGS = {
+    "dist": ("dist_temperature", "score_normalize", "dedup"),
+    "map": ("unmatched", "match", "dedup", "temperature", "top_p", "top_k", "max_new_tokens"),
+    "constrained": ("dedup", "temperature", "top_p", "top_k"),
+}
+
+
 def dataset_mismatch(header: dict, env_id: str, identity: Optional[str], k: int, history: int,
-                     prior_seed: Optional[int]) -> list[str]:  # fmt: skip
+                     prior_seed: Optional[int], prior_args: Optional[dict] = None) -> list[str]:  # fmt: skip
     """What in the dataset's header disagrees with this run: the env, and, where the run uses a prior (k > 0) and
-    the dataset stores proposals, the prior's identity, k, prompt history and seed (those the header records)."""
+    the dataset stores proposals, the prior's identity, k, prompt history, seed and sampling settings (those the
+    header records; `prior_args` is this run's PriorArgs as a dict)."""
     problems = []
     if header["env"] != env_id:
         problems.append(f"env {header['env']!r} (this run: {env_id!r})")
@@ -1218,6 +1230,15 @@ def dataset_mismatch(header: dict, env_id: str, identity: Optional[str], k: int,
             problems.append(f"prompt history {header['history']} (this run: {history})")
         if header.get("prior_seed") is not None and prior_seed is not None and header["prior_seed"] != prior_seed:
             problems.append(f"prior seed {header['prior_seed']} (this run: {prior_seed})")
+        stored = header.get("prior_args") or {}
+        if prior_args is not None and stored.get("mode") == prior_args.get("mode"):
+            settings = list(PROPOSAL_SETTINGS.get(prior_args["mode"], ()))
+            if prior_args["mode"] == "map" and prior_args.get("unmatched") == "dist":
+                settings += ["dist_temperature", "score_normalize"]  # unmatched outputs are drawn from the scores
+            for name in settings:
+                if name in stored and stored[name] != prior_args.get(name):
+                    flag = "--prior." + name.replace("_", "-")
+                    problems.append(f"{flag} {stored[name]} (this run: {prior_args.get(name)})")
     return problems
 
 
@@ -1436,7 +1457,7 @@ if __name__ == "__main__":
     prior = LLMPrior(args.prior, seed=args.prior_seed) if use_prior else None
     history_len = args.prior.history if args.prior.history is not None else default_history(args.env)
     mismatch = dataset_mismatch(header, args.env, prior.identity if prior else None, args.k, history_len,
-                                args.prior_seed)  # fmt: skip
+                                args.prior_seed, dataclasses.asdict(args.prior))  # fmt: skip
     if mismatch and not args.allow_mismatch:
         raise SystemExit(
             f"{args.dataset} does not match this run: its {'; '.join(mismatch)}. Build the dataset with this run's "
@@ -1446,6 +1467,9 @@ if __name__ == "__main__":
     if ckpt is not None:
         encoder.load_state_dict(ckpt["encoder"])  # before the dataset, so that its strings keep their rows
     q_network = QNetwork(encoder.dim).to(device)
+    if args.load_model:
+        state = torch.load(args.load_model, map_location=device, weights_only=False)
+        q_network.load_state_dict(state.get("q_network", state))
     target_network = QNetwork(encoder.dim).to(device)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = optim.AdamW(q_network.parameters(), lr=args.learning_rate)

@@ -120,6 +120,9 @@ class Args:
     """k at evaluation time (default: --k)"""
     eval_prior: EvalPriorArgs = field(default_factory=EvalPriorArgs)
     """another LLM prior at evaluation time (default: the training prior)"""
+    load_model: Optional[str] = None
+    """start from this Q-network (a run's q_network.pt or checkpoint.pt); with a total of 0 steps the run only
+    evaluates it, e.g. with another --eval-k or --eval-prior.model (Table 2)"""
     coverage: Optional[bool] = None
     """log prior/coverage against the env's expert (default: on, off for ALFWorld where the planner costs time)"""
     encoder: str = EMBEDDED_ENCODER
@@ -1226,6 +1229,9 @@ if __name__ == "__main__":
     history_len = args.prior.history if args.prior.history is not None else default_history(args.env)
     encoder = TextEncoder(args.encoder, device, pooling=args.encoder_pooling)
     q_network = QNetwork(encoder.dim).to(device)
+    if args.load_model:
+        state = torch.load(args.load_model, map_location=device, weights_only=False)
+        q_network.load_state_dict(state.get("q_network", state))
     target_network = QNetwork(encoder.dim).to(device)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = optim.AdamW(q_network.parameters(), lr=args.learning_rate)
@@ -1237,9 +1243,11 @@ if __name__ == "__main__":
     if args.eval_k is not None or args.eval_prior.model is not None:
         eval_prior_args = dataclasses.replace(args.prior, **{
             f: getattr(args.eval_prior, f) for f in ("model", "backend", "mode") if getattr(args.eval_prior, f)})  # fmt: skip
-        eval_prior = LLMPrior(eval_prior_args, seed=args.seed) if eval_prior_args.mode != "none" else None
-        eval_agent = Agent(args.env, args.eval_k if args.eval_k is not None else args.k, eval_prior, encoder,
-                           q_network, history_len, args.max_actions)  # fmt: skip
+        eval_k = args.eval_k if args.eval_k is not None else args.k
+        # --eval-k 0 acts over every admissible action: no prior (a prior asked for 0 proposals would offer none).
+        use_eval_prior = eval_prior_args.mode != "none" and eval_k > 0
+        eval_prior = LLMPrior(eval_prior_args, seed=args.seed) if use_eval_prior else None
+        eval_agent = Agent(args.env, eval_k, eval_prior, encoder, q_network, history_len, args.max_actions)
 
     global_step, episode, grad_steps = 0, 0, 0
     covered, coverage_states = 0, 0
@@ -1393,7 +1401,7 @@ if __name__ == "__main__":
         raise
 
     # Final evaluation, checkpoint, dataset and summary
-    final = run_eval() if global_step % args.eval_freq else result  # no second eval of the same Q
+    final = run_eval() if global_step % args.eval_freq or not result else result  # no second eval of the same Q
     checkpoint()
     if args.save_model:
         torch.save(q_network.state_dict(), os.path.join(run_dir, "q_network.pt"))

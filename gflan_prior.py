@@ -8,7 +8,8 @@ prompt. PPO maximises (Eq. 8)
 
 p̂_LLM the empirical distribution of k action proposals from a frozen LLM (the prior code below is dqn_prior.py's,
 verbatim). `--kl-coef 0` is the GFlan baseline; `--sub-action-space` is GFlan-Prior (Sub-AS), Eq. 26 (App. 9.4):
-PPO over the prior's proposals only, C^k(s), with no KL term unless --kl-coef is also given.
+PPO over the prior's proposals only, C^k(s); Eq. 26 has no KL term, so pass `--kl-coef 0` with it (otherwise the
+default α = 0.01 KL to p̂ over the proposals stays).
 
 Not in the authors' code (they never released the policy-based half); built from the paper and GLAM's facts.
 Choices and deviations, with reasons:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 pytest.importorskip("alfworld")
 pytest.importorskip("fast_downward")
@@ -23,7 +24,6 @@ import envs  # noqa: E402
 from envs import alfworld_gen  # noqa: E402
 from envs.alfworld import ALFWorldEnv, find_games  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"pick_train": 2, "pick_unseen": 2, "examine": 1}
 INTRO = "You are in the middle of a room. Looking quickly around you, you see"
 

@@ -4,19 +4,14 @@ LM; the embedded one in the slow test)."""
 import glob
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from helpers import script_runner, summary_of
 
 import envs
 from bc import DATASET_FORMAT, PolicyArgs, bc_loss, bc_samples, load_dataset, load_policy, policy_prompt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = [
     "Possible action of the agent: Go Left, Go Right, Go Up, Go Down Goal of the agent: Reach the goal (G)",
     "Observation 0: You are in a 4x4 grid where each cell is either a frozen cell (F) indicating a safe position",
@@ -25,25 +20,9 @@ CORPUS = [
 
 
 @pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory):
+def tiny_lm_dir(tiny_model):
     """A random causal LM + BPE tokenizer saved as a local HF folder (the same load path as a real model)."""
-    torch.manual_seed(0)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<pad>", "<eos>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id)  # fmt: skip
-    folder = tmp_path_factory.mktemp("bc-llama")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return tiny_model("llama", CORPUS, name="bc-llama")
 
 
 def write_frozenlake_dataset(path, episodes: int = 4, action: str = "Go Down") -> list[dict]:
@@ -96,17 +75,7 @@ def test_not_a_dataset_is_a_clear_error(tmp_path):
         load_dataset(str(tmp_path / "x.jsonl"))
 
 
-def run_script(*argv, check=True):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bc.py"), *argv], cwd=ROOT, capture_output=True,
-                            text=True)  # fmt: skip
-    if check and result.returncode != 0:
-        raise AssertionError(f"bc.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def summary_of(result):
-    line = [l for l in result.stdout.splitlines() if l.startswith("summary ")][-1]
-    return json.loads(line[len("summary ") :])
+run_script = script_runner("bc.py")
 
 
 def test_bc_learns_the_always_right_action(tiny_lm_dir, tmp_path):

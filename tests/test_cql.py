@@ -6,20 +6,15 @@ import glob
 import inspect
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from helpers import last_json
+from helpers import run_script as run
 
 import cql_prior
 import dqn_prior
 from cql_prior import OfflineData, cql_loss, feature_text
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- the loss (Eq. 7) ------------------------------------------------------------------------------------------------
@@ -170,38 +165,9 @@ CORPUS = [
 
 
 @pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory):
+def tiny_lm_dir(tiny_model):
     """A random causal LM + BPE tokenizer saved as a local HF folder (the same load path as a real prior)."""
-    torch.manual_seed(0)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<pad>", "<eos>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id)  # fmt: skip
-    folder = tmp_path_factory.mktemp("cql-llama")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
-def run(script, *argv, check=True):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, capture_output=True,
-                            text=True)  # fmt: skip
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def last_json(result, prefix):
-    line = [l for l in result.stdout.splitlines() if l.startswith(prefix)][-1]
-    return json.loads(line[len(prefix) :])
+    return tiny_model("llama", CORPUS, name="cql-llama")
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +198,10 @@ def test_smoke_cql_without_prior_and_exact_resume(salad_k0, tmp_path):
     a = torch.load(glob.glob(str(tmp_path / "*full*" / "q_network.pt"))[0])
     b = torch.load(glob.glob(str(tmp_path / "*part*" / "q_network.pt"))[0])
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # --load-model with no training only evaluates: the saved Q gives the run's final evaluation again
+    again = last_json(run("cql_prior.py", *common, "--total-steps", "0", "--exp-name", "evalonly", "--load-model",
+                          glob.glob(str(tmp_path / "*full*" / "q_network.pt"))[0]), "summary ")  # fmt: skip
+    assert again["global_step"] == 0 and again["eval/return_mean"] == full["eval/return_mean"]
 
 
 def test_mismatched_or_corrupt_dataset_is_a_clear_error(salad_k0, tmp_path):

@@ -4,8 +4,8 @@ field, proposals reused without an LLM query, header checks against a run, and b
 import json
 
 import pytest
+from helpers import run_script
 
-import build_dataset
 from build_dataset import MixArgs, keep_episode, mix_weights, rollout
 from cql_prior import (
     DATASET_FORMAT,
@@ -150,6 +150,13 @@ def test_dataset_mismatch_names_what_differs():
     # plain CQL (k = 0) and datasets without stored proposals only need the env to match
     assert dataset_mismatch(header, "overcooked-salad", None, 0, 0, None) == []
     assert dataset_mismatch({**header, "prior": None}, "overcooked-salad", "x", 5, 3, 9) == []
+    # the sampling settings that change proposals count too (a dataset built at another dist temperature)
+    stored = {"mode": "dist", "dist_temperature": 1.0, "score_normalize": "sum", "dedup": False, "temperature": 0.7}
+    run = {**stored, "dist_temperature": 3.0, "temperature": 1.0}  # token temperature: irrelevant to `dist`
+    with_args = {**header, "prior_args": stored}
+    assert dataset_mismatch(with_args, "overcooked-salad", "transformers:tiny:dist", 2, 1, 1, run) == [
+        "--prior.dist-temperature 1.0 (this run: 3.0)"]  # fmt: skip
+    assert dataset_mismatch(with_args, "overcooked-salad", "transformers:tiny:dist", 2, 1, 1, stored) == []
 
 
 # ---- build_dataset.py ------------------------------------------------------------------------------------------------
@@ -185,14 +192,10 @@ def test_rollout_kinds():
 
 
 def test_builder_is_reproducible_and_records_the_mix(tmp_path):
-    import subprocess
-    import sys
-
     outs = []
     for name in ("a", "b"):
         out = tmp_path / f"{name}.jsonl"
-        subprocess.run([sys.executable, build_dataset.__file__, "--transitions", "200", "--k", "0", "--seed", "3",
-                        "--out", str(out)], check=True, capture_output=True)  # fmt: skip
+        run_script("build_dataset.py", "--transitions", "200", "--k", "0", "--seed", "3", "--out", str(out))
         outs.append(out.read_text())
     assert outs[0] == outs[1]
     header, recs = load_dataset(str(tmp_path / "a.jsonl"))

@@ -3,18 +3,13 @@
 import glob
 import http.server
 import json
-import os
-import subprocess
-import sys
-import threading
 
 import numpy as np
 import pytest
 import torch
+from helpers import script_runner, serve_http, summary_of
 
 from dqn_prior import DATASET_FORMAT, ReplayBuffer, select_action, td_loss, td_target
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_td_target_hand_computed():
@@ -71,17 +66,7 @@ def test_replay_buffer_keeps_next_candidate_sets():
     assert rb.size == 3 and sorted(rb.sa.tolist()) == [12, 13, 14]
 
 
-def run_script(*argv, check=True):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "dqn_prior.py"), *argv], cwd=ROOT,
-                            capture_output=True, text=True)  # fmt: skip
-    if check and result.returncode != 0:
-        raise AssertionError(f"dqn_prior.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def summary_of(result):
-    line = [l for l in result.stdout.splitlines() if l.startswith("summary ")][-1]
-    return json.loads(line[len("summary ") :])
+run_script = script_runner("dqn_prior.py")
 
 
 def test_plain_dqn_smoke_resume_and_dataset(tmp_path):
@@ -104,6 +89,14 @@ def test_plain_dqn_smoke_resume_and_dataset(tmp_path):
     assert len(lines) == 1 + 200  # the resumed run carried on the same dataset
     record = json.loads(lines[1])
     assert record["action"] in record["admissible"] and record["proposals"] is None
+    # --load-model with no env steps only evaluates: the saved Q gives the run's final evaluation again
+    q_path = glob.glob(str(tmp_path / "*full*" / "q_network.pt"))[0]
+    again = summary_of(run_script(*common, "--total-timesteps", "0", "--exp-name", "evalonly", "--load-model", q_path))
+    assert again["global_step"] == 0 and again["eval/return_mean"] == full["eval/return_mean"]
+    # --eval-k 0 acts over every admissible action even where the run was given a prior mode
+    zero = summary_of(run_script(*common, "--total-timesteps", "0", "--exp-name", "evalk0", "--load-model", q_path,
+                                 "--eval-k", "0", "--eval-prior.mode", "dist"))  # fmt: skip
+    assert zero["eval/return_mean"] == full["eval/return_mean"] and zero["prior_queries"] == 0
 
 
 def test_unknown_env_is_a_clear_error(tmp_path):
@@ -136,9 +129,7 @@ class FlakyServer(http.server.BaseHTTPRequestHandler):
 
 def test_llm_server_failure_is_clear_and_loses_nothing(tmp_path):
     """The server dies mid-run: the script names the server, checkpoints, and a resume (server back) goes on."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serve_http(FlakyServer) as server:
         FlakyServer.budget = 6
         prior = ["--prior.backend", "openai", "--prior.base-url", f"http://127.0.0.1:{server.server_port}/v1",
                  "--prior.model", "fake", "--prior.mode", "map", "--prior.unmatched", "last",
@@ -154,8 +145,6 @@ def test_llm_server_failure_is_clear_and_loses_nothing(tmp_path):
         FlakyServer.budget = 10_000
         resumed = summary_of(run_script("--resume", ckpt_path, "--total-timesteps", "60"))
         assert resumed["global_step"] == 60
-    finally:
-        server.shutdown()
 
 
 @pytest.fixture(scope="module")

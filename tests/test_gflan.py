@@ -3,18 +3,13 @@ values, a PPO update on a bandit, and subprocess runs of the script (tiny random
 slow test)."""
 
 import glob
-import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast, T5Config
-from transformers import T5ForConditionalGeneration
+from helpers import reference_logliks, script_runner, summary_of
 
 import envs
 from gflan_prior import (
@@ -29,7 +24,6 @@ from gflan_prior import (
     ppo_loss,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 
 # ---- tiny random LMs -------------------------------------------------------------------------------------------------
@@ -41,51 +35,14 @@ CORPUS = [
 ]
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<pad>", "<eos>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
-
-
-def make_tiny_model(kind: str, folder) -> str:
-    """A random LM + BPE tokenizer saved as a local HF folder (the same load path as a real model)."""
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    if kind == "llama":
-        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-                             **ids)  # fmt: skip
-        model = AutoModelForCausalLM.from_config(config)
-    elif kind == "gemma3-sliding":
-        # Sliding-window layers with a window shorter than the prompts: padding and the KV cache must stay exact.
-        config = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=1, head_dim=8, sliding_window=8, max_position_embeddings=2048,
-                                  layer_types=["sliding_attention", "full_attention"], bos_token_id=tok.bos_token_id,
-                                  **ids)  # fmt: skip
-        model = AutoModelForCausalLM.from_config(config)
-    else:
-        config = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                          decoder_start_token_id=tok.pad_token_id, **ids)  # fmt: skip
-        model = T5ForConditionalGeneration(config)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="session", params=["llama", "gemma3-sliding", "t5"])
-def tiny_dir(request, tmp_path_factory):
-    return make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+def tiny_dir(request, tiny_model):
+    return tiny_model(request.param, CORPUS)
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    return make_tiny_model("llama", tmp_path_factory.mktemp("llama-script"))
+def tiny_llama_dir(tiny_model):
+    return tiny_model("llama", CORPUS, name="llama-script")
 
 
 def frozenlake_states(n: int) -> tuple[list[str], list[list[str]]]:
@@ -101,19 +58,7 @@ def frozenlake_states(n: int) -> tuple[list[str], list[list[str]]]:
 
 def slow_scores(policy: LMPolicy, prompt: str, actions: list[str]) -> list[float]:
     """Reference: one full forward per action, no padding, no cache."""
-    out = []
-    for a in actions:
-        p_ids, a_ids = policy.token_ids(prompt, a)
-        with torch.no_grad():
-            if policy.seq2seq:
-                logits = policy.lm(input_ids=torch.tensor([p_ids]), labels=torch.tensor([a_ids])).logits[0]
-                logp = torch.log_softmax(logits.double(), -1)
-                out.append(sum(logp[j, t].item() for j, t in enumerate(a_ids)))
-            else:
-                logits = policy.lm(input_ids=torch.tensor([p_ids + a_ids])).logits[0]
-                logp = torch.log_softmax(logits.double(), -1)
-                out.append(sum(logp[len(p_ids) + j - 1, t].item() for j, t in enumerate(a_ids)))
-    return out
+    return reference_logliks(policy.lm, [policy.token_ids(prompt, a) for a in actions], seq2seq=policy.seq2seq)
 
 
 # ---- the policy ------------------------------------------------------------------------------------------------------
@@ -303,17 +248,7 @@ def test_ppo_update_on_a_bandit_moves_probability_to_the_rewarded_action(tiny_ll
 
 
 # ---- the script ------------------------------------------------------------------------------------------------------
-def run_script(*argv, check=True):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "gflan_prior.py"), *argv], cwd=ROOT,
-                            capture_output=True, text=True)  # fmt: skip
-    if check and result.returncode != 0:
-        raise AssertionError(f"gflan_prior.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def summary_of(result):
-    line = [l for l in result.stdout.splitlines() if l.startswith("summary ")][-1]
-    return json.loads(line[len("summary ") :])
+run_script = script_runner("gflan_prior.py")
 
 
 def tiny_common(model_dir, tmp_path):

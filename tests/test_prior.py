@@ -4,21 +4,14 @@ import http.server
 import json
 import multiprocessing
 import socket
-import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 import tyro
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma3TextConfig,
-    GenerationConfig,
-    LlamaConfig,
-    PreTrainedTokenizerFast,
-)
+from helpers import reference_logliks, serve_http
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 import dqn_prior
 from dqn_prior import (
@@ -133,37 +126,12 @@ CORPUS = [
 ]
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<eos>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
-
-
 @pytest.fixture(scope="session", params=["llama", "gemma3-sliding"])
-def tiny_lm_dir(request, tmp_path_factory):
-    """A random causal LM + BPE tokenizer saved as a local HF folder (the same load path as a real model)."""
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-               bos_token_id=tok.bos_token_id)  # fmt: skip
-    if request.param == "llama":
-        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=1024, **ids)  # fmt: skip
-    else:
-        # Sliding-window layers with a window shorter than the prompt: the KV cache reuse must still be exact.
-        config = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=1, head_dim=8, sliding_window=8, max_position_embeddings=1024,
-                                  layer_types=["sliding_attention", "full_attention"], **ids)  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config)
-    folder = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+def tiny_lm_dir(request, tiny_model):
+    """A random causal LM + BPE tokenizer saved as a local HF folder (the same load path as a real model); the
+    Gemma 3 one has sliding-window layers with a window shorter than the prompt: the KV cache reuse must still be
+    exact."""
+    return tiny_model(request.param, CORPUS, vocab_size=400, max_position_embeddings=1024)
 
 
 def make_prior(folder, **kw) -> LLMPrior:
@@ -176,14 +144,8 @@ PROMPT = build_prompt("overcooked-tomato", TOMATO_TASK, TOMATO_START, TOMATO_ACT
 def slow_scores(prior: LLMPrior, prompt: str, actions: list[str]) -> np.ndarray:
     """Reference: one full forward per action over prompt + action."""
     backend = prior.backend
-    out = []
-    for a in actions:
-        p_ids, a_ids = dqn_prior._continuation_ids(backend.tokenizer, prompt, a)
-        with torch.no_grad():
-            logits = backend.model(input_ids=torch.tensor([p_ids + a_ids])).logits[0]
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        out.append(sum(logp[len(p_ids) + j - 1, t].item() for j, t in enumerate(a_ids)))
-    return np.array(out)
+    pairs = [dqn_prior._continuation_ids(backend.tokenizer, prompt, a) for a in actions]
+    return np.array(reference_logliks(backend.model, pairs))
 
 
 @pytest.mark.parametrize("mode", ["map", "dist", "constrained"])
@@ -422,12 +384,8 @@ class FakeCompletions(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_server():
     FakeCompletions.requests = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeCompletions)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with serve_http(FakeCompletions) as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
 
 
 def test_openai_map_mode_parses_n_choices(fake_server):

@@ -8,8 +8,8 @@ import re
 import sys
 
 import pytest
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # section banner -> scripts that carry a copy of dqn_prior.py's
 SHARED = {
     "LLM action prior": ["cql_prior.py", "gflan_prior.py"],
