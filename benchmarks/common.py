@@ -1,0 +1,297 @@
+"""What the benchmark entries share: run the scripts' CLIs resumably, one CSV row per run, means and standard errors.
+
+Not a framework: an entry builds a list of `Job`s (a script and its arguments, plus the columns that name the run),
+`run_jobs` runs the ones that have not finished, `collect` reads what they wrote, `write_csv` saves the rows.
+
+Layout: every job gets its own folder `<runs-dir>/<entry>/<job name>/`, passed to the script as `--runs-dir`, so the
+script's own run folder lands inside it. Next to it `job.json` records the exact command, the git commit it ran at,
+its wall-clock, peak memory (max RSS) and exit status; `log.txt` has its output. A job is finished when its run
+folder holds a `summary.json`. An interrupted job is resumed from its `checkpoint.pt` (every script has `--resume`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import glob
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "results")
+BUDGETS = ("smoke", "small", "paper")
+
+
+@dataclass
+class Job:
+    """One run of a script. `key` names it (and becomes the first CSV columns): env, algo, seed, ..."""
+
+    key: dict
+    script: str
+    args: list = field(default_factory=list)
+    resumable: bool = True  # the script takes --resume <its checkpoint.pt>
+
+    @property
+    def name(self) -> str:
+        return "__".join(f"{v}" for v in self.key.values()).replace("/", "-").replace(":", "-").replace(" ", "")
+
+    def command(self, job_dir: str) -> list:
+        return [self.script, *map(str, self.args), "--runs-dir", job_dir]
+
+
+def common_parser(doc: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", choices=BUDGETS, default="small",
+                        help="smoke: a few steps (CI); small: this repo's CPU numbers; paper: the paper's sizes (GPU)")  # fmt: skip
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="override the budget's seeds")
+    parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "benchmarks"))
+    parser.add_argument("--results-dir", default=RESULTS, help="where the CSV files go")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--collect-only", action="store_true", help="write the CSV from finished runs, run nothing")
+    parser.add_argument("extra", nargs="*", help="more arguments for every script run, after -- "
+                        "(e.g. -- --prior.model Qwen/Qwen1.5-7B --prior.backend vllm)")  # fmt: skip
+    return parser
+
+
+# The extra arguments an entry passes to every run, minus those a script does not have ("--x." is a prefix).
+NOT_TAKEN = {
+    "dqn_prior.py": ("--policy.",),
+    "cql_prior.py": ("--policy.",),
+    "gflan_prior.py": ("--encoder", "--encoder-pooling", "--eval-prior.", "--eval-k"),
+    "bc.py": ("--prior.", "--eval-prior.", "--k", "--eval-k", "--encoder", "--encoder-pooling"),
+    "build_dataset.py": ("--policy.", "--eval-prior.", "--eval-k", "--encoder", "--encoder-pooling"),
+}
+
+
+def drop_args(extra: list, flags: tuple) -> list:
+    """`extra` without the given flags and their values."""
+    def dropped(flag: str) -> bool:
+        name = flag.split("=")[0]
+        return any(name.startswith(f) if f.endswith(".") else name == f for f in flags)
+
+    out, keep = [], True
+    for a in extra:
+        if a.startswith("--"):
+            keep = not dropped(a)
+        if keep:
+            out.append(a)
+    return out
+
+
+def prior_args(extra: list) -> list:
+    """The `--prior.*` arguments (with their values) among `extra`."""
+    out, take = [], False
+    for a in extra:
+        if a.startswith("--"):
+            take = a.startswith("--prior.")
+        if take:
+            out.append(a)
+    return out
+
+
+def git_commit() -> str:
+    """The commit the code runs at, `-dirty` when tracked files differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown"
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=ROOT).returncode != 0
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def show_path(arg) -> str:
+    """An argument as a reader should see it: paths inside the repo relative to it."""
+    arg = str(arg)
+    if os.path.isabs(arg) and os.path.commonpath([arg, ROOT]) == ROOT:
+        return os.path.relpath(arg, ROOT)
+    return arg
+
+
+def write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run_dir_of(job_dir: str) -> Optional[str]:
+    """The script's run folder inside a job folder (the newest if several)."""
+    dirs = sorted((d for d in glob.glob(os.path.join(job_dir, "*")) if os.path.isdir(d)), key=os.path.getmtime)
+    return dirs[-1] if dirs else None
+
+
+def finished(job_dir: str) -> bool:
+    run_dir = run_dir_of(job_dir)
+    return run_dir is not None and os.path.exists(os.path.join(run_dir, "summary.json"))
+
+
+def run_jobs(jobs: list[Job], entry_dir: str, extra: Iterable[str] = (), dry_run: bool = False) -> list[str]:
+    """Run every unfinished job, one after the other (the scripts use all cores). -> names of the failed jobs."""
+    failed, extra = [], list(extra)
+    for i, job in enumerate(jobs, 1):
+        job_dir = os.path.join(entry_dir, job.name)
+        cmd = job.command(job_dir) + drop_args(extra, NOT_TAKEN.get(job.script, ()))
+        if finished(job_dir):
+            print(f"[{i}/{len(jobs)}] done already: {job.name}", flush=True)
+            continue
+        run_dir = run_dir_of(job_dir)
+        ckpt = os.path.join(run_dir, "checkpoint.pt") if run_dir else None
+        if job.resumable and ckpt and os.path.exists(ckpt):
+            cmd += ["--resume", ckpt]
+        shown = "python " + shlex.join(map(show_path, cmd))
+        if dry_run:
+            print(shown)
+            continue
+        os.makedirs(job_dir, exist_ok=True)
+        meta = {"command": shown, "commit": git_commit(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        print(f"[{i}/{len(jobs)}] {shown}\n        log: {show_path(job_dir)}/log.txt", flush=True)
+        start = time.time()
+        with open(os.path.join(job_dir, "log.txt"), "a") as log:
+            proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak memory, not the driver's
+            except KeyboardInterrupt:  # Ctrl-C reached the script too: it checkpoints, and a rerun resumes it
+                proc.wait()
+                raise
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        meta.update(wall_clock_s=round(time.time() - start, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
+                    returncode=proc.returncode)  # fmt: skip
+        write_json(os.path.join(job_dir, "job.json"), meta)
+        if proc.returncode != 0:
+            print(f"        FAILED (exit {proc.returncode}); see {show_path(job_dir)}/log.txt", flush=True)
+            failed.append(job.name)
+    return failed
+
+
+def load_run(job_dir: str) -> Optional[dict]:
+    """A finished job: its job.json, the script's summary.json and its evaluations (eval.jsonl), or None."""
+    if not finished(job_dir):
+        return None
+    run_dir = run_dir_of(job_dir)
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    evals = []
+    if os.path.exists(os.path.join(run_dir, "eval.jsonl")):
+        with open(os.path.join(run_dir, "eval.jsonl")) as f:
+            evals = [json.loads(line) for line in f if line.strip()]
+    meta = {}
+    if os.path.exists(os.path.join(job_dir, "job.json")):
+        with open(os.path.join(job_dir, "job.json")) as f:
+            meta = json.load(f)
+    return {"summary": summary, "evals": evals, "job": meta, "run_dir": run_dir}
+
+
+def collect(jobs: list[Job], entry_dir: str, row_fn) -> list[dict]:
+    """One row per finished job: the job's key, then `row_fn(run)`, then the command and commit it ran at."""
+    rows = []
+    for job in jobs:
+        run = load_run(os.path.join(entry_dir, job.name))
+        if run is None:
+            continue
+        row = dict(job.key)
+        row.update(row_fn(run))
+        row.update(wall_clock_s=run["job"].get("wall_clock_s"), peak_rss_mb=run["job"].get("peak_rss_mb"),
+                   command=run["job"].get("command"), commit=run["job"].get("commit"))  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def curve_rows(jobs: list[Job], entry_dir: str, metrics: tuple = ("eval/return_mean", "eval/success_rate")) -> list:
+    """Long-format evaluation curves: one row per (job, evaluation) with the x-axis in `step`."""
+    rows = []
+    for job in jobs:
+        run = load_run(os.path.join(entry_dir, job.name))
+        for ev in run["evals"] if run else []:
+            step = ev.get("global_step", ev.get("step"))
+            rows.append({**job.key, "step": step, **{m: ev.get(m) for m in metrics}})
+    return rows
+
+
+def first_step_reaching(evals: list[dict], metric: str, threshold: float) -> Optional[int]:
+    for ev in evals:
+        if ev.get(metric) is not None and ev[metric] >= threshold:
+            return ev.get("global_step", ev.get("step"))
+    return None
+
+
+# ---- CSV and aggregation ---------------------------------------------------------------------------------------------
+def write_csv(rows: list[dict], path: str) -> None:
+    """Atomically; the columns are the union of the rows' keys in first-seen order."""
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse(value: str):
+    if value == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return {"True": True, "False": False}.get(value, value)
+
+
+def mean_se(values: Iterable) -> tuple[float, float, int]:
+    """Mean, standard error of the mean (sample std / sqrt(n); 0 for one value) and n, over the non-missing values."""
+    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not xs:
+        return float("nan"), float("nan"), 0
+    mean = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return mean, 0.0, 1
+    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+    return mean, math.sqrt(var / len(xs)), len(xs)
+
+
+def aggregate(rows: list[dict], by: list[str], metrics: list[str]) -> list[dict]:
+    """Group rows by the `by` columns (first-seen order) -> one row per group with `<m>_mean`, `<m>_se`, `n`."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(c) for c in by), []).append(row)
+    out = []
+    for key, members in groups.items():
+        agg = dict(zip(by, key))
+        agg["n"] = len(members)
+        for m in metrics:
+            mean, se, _ = mean_se(r.get(m) for r in members)
+            agg[f"{m}_mean"], agg[f"{m}_se"] = mean, se
+        out.append(agg)
+    return out
+
+
+def fmt(mean: float, se: float, digits: int = 2) -> str:
+    if mean is None or math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def markdown_table(rows: list[dict], columns: list[str], headers: Optional[list[str]] = None) -> str:
+    headers = headers or columns
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append("| " + " | ".join("–" if row.get(c) is None else str(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def pick(budget: str, **sizes):
+    """sizes[budget]: a budget's value, e.g. pick(args.budget, smoke=40, small=1000, paper=50_000)."""
+    return sizes[budget]

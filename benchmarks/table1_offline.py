@@ -1,0 +1,168 @@
+"""Table 1 (offline): DQN, CQL, DQN-Prior, CQL-Prior and BC on Salad(N) and ALFWorld-Pick datasets.
+
+Builds each dataset once with build_dataset.py (proposals of the LLM prior stored in it, so training needs no LLM),
+then trains every method on it with cql_prior.py / bc.py. Writes results/table1_offline.csv (one row per run:
+final and best eval return, the step of the best, how often the data action is among the proposals, command,
+commit), results/table1_offline_curves.csv, and prints the table next to the paper's numbers plus the smallest
+dataset on which each method reaches return >= 1.0 (the paper: CQL-Prior at ~1000 transitions, CQL at 12000+).
+
+    python benchmarks/table1_offline.py                                   # --budget small (CPU)
+    python benchmarks/table1_offline.py --datasets alfworld-pick:6500 --methods CQL-Prior CQL
+    python benchmarks/table1_offline.py --budget paper -- --prior.model Qwen/Qwen1.5-7B --prior.backend vllm
+
+Budgets:
+    smoke  Salad(40); all five methods; seed 1; 10 gradient steps, 1 eval episode
+    small  Salad(1000), Salad(4000); all five methods; seeds 1 2 3; 5000 gradient steps (BC: 300), eval every 500
+           (BC: 100) with 3 episodes
+    paper  Salad(1000, 4000, 8000, 12000, 24000), ALFWorld-Pick(6500); seeds 1 2 3; 10000 gradient steps (the
+           authors'), eval every 500 with 10 episodes; BC 2000 steps
+
+`--prior.*` arguments after `--` go to the dataset builder too (a dataset's stored proposals come from that prior);
+the dataset's file name then carries a hash of them.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (ROOT, Job, aggregate, collect, common_parser, curve_rows, fmt, markdown_table, prior_args,  # noqa: E402
+                    run_jobs, show_path, write_csv)  # fmt: skip
+
+ENTRY = "table1_offline"
+METHODS = {  # method -> (script, arguments)
+    "DQN": ("cql_prior.py", ["--k", "0", "--cql-beta", "0"]),
+    "CQL": ("cql_prior.py", ["--k", "0"]),
+    "DQN-Prior": ("cql_prior.py", ["--cql-beta", "0"]),
+    "CQL-Prior": ("cql_prior.py", []),
+    "BC": ("bc.py", []),
+}
+PAPER = {  # Table 1 of the paper (mean return; Qwen1.5-7B prior, k=5)
+    "overcooked-salad:1000": {"DQN": 0.14, "CQL": 0.32, "DQN-Prior": 0.98, "CQL-Prior": 1.01, "BC": 0.57},
+    "overcooked-salad:4000": {"DQN": 0.31, "CQL": 0.32, "DQN-Prior": 0.81, "CQL-Prior": 1.19},
+    "overcooked-salad:24000": {"DQN": 0.32, "CQL": 1.33, "CQL-Prior": 1.31},
+    "alfworld-pick:6500": {"DQN": 0.27, "CQL": 0.03, "DQN-Prior": 0.49, "CQL-Prior": 0.80, "BC": 0.31},
+}
+BUDGET = {
+    "smoke": dict(datasets=["overcooked-salad:40"], seeds=[1], steps=10, bc_steps=2, eval_freq=10, bc_eval_freq=2,
+                  eval_episodes=1),
+    "small": dict(datasets=["overcooked-salad:1000", "overcooked-salad:4000"], seeds=[1, 2, 3], steps=5000,
+                  bc_steps=300, eval_freq=500, bc_eval_freq=100, eval_episodes=3),
+    "paper": dict(datasets=[f"overcooked-salad:{n}" for n in (1000, 4000, 8000, 12000, 24000)] + ["alfworld-pick:6500"],
+                  seeds=[1, 2, 3], steps=10_000, bc_steps=2000, eval_freq=500, bc_eval_freq=250, eval_episodes=10),
+}  # fmt: skip
+
+
+def dataset_path(data_dir: str, spec: str, extra: list[str]) -> str:
+    env, n = spec.split(":")
+    tag = "_" + hashlib.sha1(" ".join(prior_args(extra)).encode()).hexdigest()[:8] if prior_args(extra) else ""
+    return os.path.join(data_dir, f"{env}_{n}{tag}.jsonl")
+
+
+def build_command(spec: str, path: str, extra: list[str]) -> list[str]:
+    env, n = spec.split(":")
+    history = ["--prior.history", "0"] if "--prior.history" not in extra else []  # one query per distinct state
+    return ["build_dataset.py", "--env", env, "--transitions", n, "--out", path, *history, *prior_args(extra)]
+
+
+def ensure_datasets(specs: list[str], data_dir: str, extra: list[str], dry_run: bool) -> list[str]:
+    """Build the missing datasets (build_dataset.py writes atomically, so a file that exists is complete)."""
+    failed = []
+    for spec in specs:
+        path = dataset_path(data_dir, spec, extra)
+        if os.path.exists(path):
+            continue
+        cmd = build_command(spec, path, extra)
+        print(("" if dry_run else "building dataset: ") + "python " + " ".join(map(show_path, cmd)), flush=True)
+        if dry_run:
+            continue
+        os.makedirs(data_dir, exist_ok=True)
+        with open(path + ".log", "a") as log:
+            if subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
+                print(f"        FAILED; see {path}.log", flush=True)
+                failed.append(spec)
+    return failed
+
+
+def jobs_for(budget: str, specs: list[str], methods: list[str], seeds: list[int], data_dir: str, extra: list[str],
+             steps=None) -> list[Job]:  # fmt: skip
+    b = BUDGET[budget]
+    jobs = []
+    for spec in specs:
+        path = dataset_path(data_dir, spec, extra)
+        for method in methods:
+            script, method_args = METHODS[method]
+            bc = script == "bc.py"
+            n_steps = (b["bc_steps"] if bc else steps or b["steps"])
+            for seed in seeds:
+                jobs.append(Job({"dataset": spec, "method": method, "seed": seed}, script, [
+                    "--dataset", path, "--seed", seed, "--exp-name", method.lower(), "--total-steps", n_steps,
+                    "--eval-freq", b["bc_eval_freq"] if bc else b["eval_freq"], "--eval-episodes", b["eval_episodes"],
+                    *method_args]))  # fmt: skip
+    return jobs
+
+
+def run_row(run: dict) -> dict:
+    s = run["summary"]
+    return {"transitions": s.get("transitions"), "gradient_steps": s.get("global_step", s.get("step")),
+            "final_return": s.get("eval/return_mean"), "final_success": s.get("eval/success_rate"),
+            "best_return": s.get("best_eval_return"), "best_step": s.get("best_eval_step"),
+            "data_action_in_proposals": s.get("data_action_coverage"),
+            "eval_prior_queries": s.get("prior_queries")}  # fmt: skip
+
+
+def smallest_reaching(table: list[dict], metric: str, threshold: float) -> dict:
+    """method -> the smallest Salad(N) whose mean `metric` reaches the threshold (None if none does)."""
+    out = {}
+    for t in table:
+        env, n = t["dataset"].split(":")
+        reached = env == "overcooked-salad" and t[f"{metric}_mean"] >= threshold
+        best = out.get(t["method"])
+        out[t["method"]] = min(best, int(n)) if reached and best is not None else (int(n) if reached else best)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = common_parser(__doc__)
+    parser.add_argument("--datasets", nargs="+", default=None, help="env:transitions, e.g. overcooked-salad:1000")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--steps", type=int, default=None, help="override the budget's gradient steps (not BC's)")
+    parser.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
+    args = parser.parse_args(argv)
+    b = BUDGET[args.budget]
+    specs, seeds = args.datasets or b["datasets"], args.seeds or b["seeds"]
+    failed = [] if args.collect_only else ensure_datasets(specs, args.data_dir, args.extra, args.dry_run)
+    specs = [s for s in specs if s not in failed]
+    jobs = jobs_for(args.budget, specs, args.methods, seeds, args.data_dir, args.extra, args.steps)
+    entry_dir = os.path.join(args.runs_dir, ENTRY, args.budget)
+    if not args.collect_only:
+        failed += run_jobs(jobs, entry_dir, args.extra, args.dry_run)
+    if args.dry_run:
+        return 0
+    rows = collect(jobs, entry_dir, run_row)
+    suffix = "" if args.budget == "small" else f"_{args.budget}"
+    if rows:
+        write_csv(rows, os.path.join(args.results_dir, f"{ENTRY}{suffix}.csv"))
+        write_csv(curve_rows(jobs, entry_dir), os.path.join(args.results_dir, f"{ENTRY}{suffix}_curves.csv"))
+        table = aggregate(rows, ["dataset", "method"], ["final_return", "best_return", "final_success",
+                                                         "data_action_in_proposals", "transitions"])  # fmt: skip
+        for t in table:
+            t.update(final=fmt(t["final_return_mean"], t["final_return_se"]),
+                     best=fmt(t["best_return_mean"], t["best_return_se"]),
+                     success=fmt(t["final_success_mean"], t["final_success_se"]),
+                     paper=PAPER.get(t["dataset"], {}).get(t["method"]),
+                     transitions=int(t["transitions_mean"]))  # fmt: skip
+        print(markdown_table(table, ["dataset", "transitions", "method", "n", "final", "best", "success", "paper"],
+                             ["dataset", "transitions", "method", "seeds", "final return", "best return",
+                              "final success", "paper (return)"]))  # fmt: skip
+        for metric in ("final_return", "best_return"):
+            print(f"smallest Salad(N) with mean {metric.replace('_', ' ')} >= 1.0: "
+                  + ", ".join(f"{m} {n}" for m, n in smallest_reaching(table, metric, 1.0).items()))  # fmt: skip
+    if failed:
+        print(f"failed: {' '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The reproduction suite: aggregation and table layout on synthetic CSVs, and every entry's `--budget smoke` end to
+end (a tiny random LM as prior and policy, so that CI stays short; the embedded models are the other tests' job)."""
+
+import csv
+import glob
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import common  # noqa: E402
+import fig3_online  # noqa: E402
+import fig4_ablations  # noqa: E402
+import plot  # noqa: E402
+import prior_quality  # noqa: E402
+import table1_offline  # noqa: E402
+import table2_generalisation  # noqa: E402
+import table12_cache  # noqa: E402
+
+CORPUS = [
+    "pick up the tomato take the bowl walk to the cutting board serve nothing chop nothing go left go right go up",
+    "Observation: There is a fixed cutting board in the room. You notice a tomato on the table. Action:",
+    "put the lettuce in the bowl chop the onion walk to the counter serve the dish go down",
+]
+
+
+# ---- aggregation ------------------------------------------------------------------------------------------------------
+def test_mean_se_and_aggregate_by_group():
+    mean, se, n = common.mean_se([1.0, 2.0, 3.0, None])
+    assert (mean, n) == (2.0, 3) and se == pytest.approx(math.sqrt(1.0 / 3))  # sample std 1, / sqrt(3)
+    assert common.mean_se([5.0]) == (5.0, 0.0, 1)
+    assert math.isnan(common.mean_se([None])[0])
+    rows = [{"env": "a", "algo": "x", "seed": s, "ret": r} for s, r in [(1, 1.0), (2, 3.0)]]
+    rows += [{"env": "a", "algo": "y", "seed": 1, "ret": -1.0}, {"env": "b", "algo": "x", "seed": 1, "ret": None}]
+    table = common.aggregate(rows, ["env", "algo"], ["ret"])
+    assert [(t["env"], t["algo"], t["n"]) for t in table] == [("a", "x", 2), ("a", "y", 1), ("b", "x", 1)]
+    assert table[0]["ret_mean"] == 2.0 and table[0]["ret_se"] == pytest.approx(1.0)  # std sqrt(2) / sqrt(2)
+    assert table[1]["ret_se"] == 0.0 and math.isnan(table[2]["ret_mean"])
+    assert common.fmt(2.0, 1.0) == "2.00 ± 1.00" and common.fmt(float("nan"), 0.0) == "–"
+
+
+def test_csv_round_trip_and_markdown_layout(tmp_path):
+    rows = [{"env": "a", "seed": 1, "ret": 0.5, "hit": None, "ok": True}, {"env": "b", "seed": 2, "ret": -1, "extra": "z"}]
+    path = str(tmp_path / "r.csv")
+    common.write_csv(rows, path)
+    assert open(path).readline().strip() == "env,seed,ret,hit,ok,extra"  # union of columns, first-seen order
+    back = common.read_csv(path)
+    assert back[0] == {"env": "a", "seed": 1, "ret": 0.5, "hit": None, "ok": True, "extra": None}
+    assert back[1]["ret"] == -1 and isinstance(back[1]["ret"], int)
+    assert not glob.glob(str(tmp_path / "*.tmp*"))  # atomic write leaves no temp file
+    table = common.markdown_table(back, ["env", "ret", "hit"], ["Env", "Return", "Hit"])
+    assert table.splitlines() == ["| Env | Return | Hit |", "|---|---|---|", "| a | 0.5 | – |", "| b | -1 | – |"]
+
+
+def test_mean_curves_use_steps_every_seed_reached():
+    rows = [{"algo": "x", "seed": 1, "step": s, "r": float(s)} for s in (100, 200, 300)]
+    rows += [{"algo": "x", "seed": 2, "step": s, "r": float(s) + 2} for s in (100, 200)]  # seed 2 stopped earlier
+    rows += [{"algo": "y", "seed": 1, "step": 100, "r": None}]
+    curves = plot.mean_curves(rows, ["algo"], "step", "r")
+    xs, means, ses = curves[("x",)]
+    assert xs == [100, 200] and means == [101.0, 201.0] and ses == pytest.approx([1.0, 1.0])
+    assert ("y",) not in curves  # no value at all
+
+
+def test_plot_writes_pngs_from_synthetic_csvs(tmp_path):
+    d = str(tmp_path)
+    common.write_csv([{"env": "e", "algo": a, "seed": s, "step": st, "eval/return_mean": st / 100 + s,
+                       "eval/success_rate": 0.0} for a in ("dqn", "dqn_prior") for s in (1, 2) for st in (10, 20)],
+                     os.path.join(d, "fig3_online_curves.csv"))  # fmt: skip
+    common.write_csv([{"dataset": "overcooked-salad:1000", "method": m, "seed": s, "final_return": 0.1 * s}
+                      for m in ("CQL", "CQL-Prior") for s in (1, 2)], os.path.join(d, "table1_offline.csv"))  # fmt: skip
+    common.write_csv([{"env": "e", "model": "embedded", "mode": "dist", "coverage@1": 0.2, "coverage@5": 0.6}],
+                     os.path.join(d, "prior_quality.csv"))  # fmt: skip
+    assert plot.main(["--results-dir", d]) == 0
+    for name in ("fig3_online", "table1_offline", "prior_quality"):
+        assert open(os.path.join(d, f"{name}.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert plot.main(["--results-dir", str(tmp_path / "empty")]) == 1
+
+
+def test_extra_arguments_reach_only_the_scripts_that_take_them():
+    extra = ["--prior.model", "m", "--policy.model", "p", "--encoder", "e", "--k", "3", "--kl-coef", "0.1"]
+    assert common.drop_args(extra, common.NOT_TAKEN["bc.py"]) == ["--policy.model", "p", "--kl-coef", "0.1"]
+    assert common.drop_args(extra, common.NOT_TAKEN["dqn_prior.py"]) == [
+        "--prior.model", "m", "--encoder", "e", "--k", "3", "--kl-coef", "0.1"]  # fmt: skip
+    assert common.prior_args(extra) == ["--prior.model", "m"]
+    # a dataset built with another prior gets its own file
+    assert table1_offline.dataset_path("d", "overcooked-salad:1000", []) == os.path.join("d", "overcooked-salad_1000.jsonl")
+    assert table1_offline.dataset_path("d", "overcooked-salad:1000", extra) != table1_offline.dataset_path(
+        "d", "overcooked-salad:1000", [])  # fmt: skip
+
+
+def test_smallest_dataset_reaching_a_return():
+    table = [{"dataset": f"overcooked-salad:{n}", "method": m, "final_return_mean": r}
+             for n, m, r in [(1000, "CQL", 0.3), (4000, "CQL", 1.2), (24000, "CQL", 1.3), (1000, "CQL-Prior", 1.0),
+                             (4000, "CQL-Prior", 0.9)]]  # fmt: skip
+    assert table1_offline.smallest_reaching(table, "final_return", 1.0) == {"CQL": 4000, "CQL-Prior": 1000}
+
+
+def test_every_entry_has_three_budgets_and_a_dry_run(capsys):
+    for entry in (fig3_online, fig4_ablations, table1_offline, table2_generalisation, table12_cache, prior_quality):
+        assert set(entry.BUDGET) == set(common.BUDGETS), entry.__name__
+        for budget in common.BUDGETS:
+            assert entry.main(["--budget", budget, "--dry-run", "--runs-dir", "/nonexistent/runs",
+                               "--results-dir", "/nonexistent/results"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "python dqn_prior.py --env overcooked-tomato" in printed and "--total-steps 0 --load-model" in printed
+    assert not os.path.exists("/nonexistent")
+
+
+# ---- each entry's smoke budget, end to end ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke(tiny_model, tmp_path_factory):
+    """Common arguments: a runs/results/data folder per test module and the tiny LM as prior and policy."""
+    lm = tiny_model("llama", CORPUS, name="bench-llama")
+    base = tmp_path_factory.mktemp("bench")
+    dirs = ["--runs-dir", str(base / "runs"), "--results-dir", str(base / "results")]
+    models = ["--", "--prior.model", lm, "--prior.cache-path", str(base / "cache.sqlite"), "--policy.model", lm]
+    return {"base": base, "dirs": dirs, "models": models, "lm": lm}
+
+
+def read_rows(smoke, name):
+    with open(smoke["base"] / "results" / f"{name}.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_fig3_online_runs_resumes_and_records_commands(smoke):
+    argv = ["--budget", "smoke", *smoke["dirs"], *smoke["models"]]
+    assert fig3_online.main(argv) == 0
+    rows = read_rows(smoke, "fig3_online_smoke")
+    assert [(r["algo"], r["steps"]) for r in rows] == [("dqn", "24"), ("dqn_prior", "24"), ("gflan_prior", "24")]
+    assert all(r["command"].startswith("python ") and "--prior.model" in r["command"] and r["commit"] for r in rows)
+    assert float(rows[0]["peak_rss_mb"]) > 0
+    assert "--policy.model" not in rows[0]["command"]  # dqn_prior.py has no LM policy
+    curves = read_rows(smoke, "fig3_online_smoke_curves")
+    assert {(c["algo"], c["step"]) for c in curves} == {("dqn", "24"), ("dqn_prior", "24"), ("gflan_prior", "24")}
+    # a second invocation finds every run finished and runs nothing
+    job = json.load(open(glob.glob(str(smoke["base"] / "runs" / "fig3_online" / "smoke" / "*dqn__1" / "job.json"))[0]))
+    assert fig3_online.main(argv) == 0
+    assert json.load(open(glob.glob(str(smoke["base"] / "runs" / "fig3_online" / "smoke" / "*dqn__1" / "job.json"))[0])) == job
+
+
+def test_smoke_table1_and_table2_share_the_dataset(smoke):
+    argv = ["--budget", "smoke", *smoke["dirs"], "--data-dir", str(smoke["base"] / "data")]
+    assert table1_offline.main([*argv, *smoke["models"]]) == 0
+    rows = read_rows(smoke, "table1_offline_smoke")
+    assert [r["method"] for r in rows] == ["DQN", "CQL", "DQN-Prior", "CQL-Prior", "BC"]
+    assert all(r["final_return"] != "" for r in rows)
+    assert float(rows[3]["data_action_in_proposals"]) <= 1.0 and rows[1]["data_action_in_proposals"] == "1.0"
+    datasets = glob.glob(str(smoke["base"] / "data" / "*.jsonl"))
+    assert len(datasets) == 1  # built once, with the tiny prior's proposals stored
+    assert json.loads(open(datasets[0]).readline())["prior"].startswith("transformers:")
+    assert table2_generalisation.main([*argv, *smoke["models"]]) == 0
+    assert len(glob.glob(str(smoke["base"] / "data" / "*.jsonl"))) == 1  # reused, not rebuilt
+    rows = read_rows(smoke, "table2_generalisation_smoke")
+    assert [(r["eval_model"], r["eval_k"]) for r in rows] == [("embedded", "1"), ("embedded", "2")]
+    assert all(r["seen_return"] != "" and r["unseen_return"] == "" for r in rows)  # Salad has no unseen split
+    assert all("--load-model" in r["command"] and "--total-steps 0" in r["command"] for r in rows)
+
+
+def test_smoke_table12_and_fig4(smoke):
+    assert table12_cache.main(["--budget", "smoke", *smoke["dirs"], "--", "--prior.model", smoke["lm"]]) == 0
+    rows = {r["variant"]: r for r in read_rows(smoke, "table12_cache_smoke")}
+    assert set(rows) == {"per-step", "memory", "disk", "warm"}
+    # the same proposals, so the same learning; only the cost differs
+    assert len({r["final_return"] for r in rows.values()}) == 1
+    assert int(rows["per-step"]["prior_queries"]) >= int(rows["memory"]["prior_queries"]) > 0
+    assert int(rows["warm"]["prior_queries"]) == 0 and float(rows["warm"]["prior_cache_hit_rate"]) == 1.0
+    assert fig4_ablations.main(["--budget", "smoke", *smoke["dirs"], *smoke["models"]]) == 0
+    rows = read_rows(smoke, "fig4_ablations_smoke")
+    assert [(r["ablation"], r["value"]) for r in rows] == [("k", "1"), ("k", "3"), ("kl", "0"), ("kl", "0.001"),
+                                                           ("alpha", "0"), ("alpha", "0.03")]  # fmt: skip
+
+
+def test_smoke_prior_quality(smoke, monkeypatch):
+    argv = ["--budget", "smoke", *smoke["dirs"], "--models", smoke["lm"], "--modes", "dist", "map", "--ks", "1", "5"]
+    assert prior_quality.main(argv) == 0
+    rows = read_rows(smoke, "prior_quality_smoke")
+    assert [(r["env"], r["mode"]) for r in rows] == [("overcooked-tomato", "dist"), ("overcooked-tomato", "map")]
+    for r in rows:
+        assert 0.0 <= float(r["coverage@1"]) <= float(r["coverage@5"]) <= 1.0 and int(r["states"]) > 3
+    assert 0.0 < float(rows[0]["expert_prob"]) < 1.0 and rows[1]["expert_prob"] == ""
+    # the expert's states: the expert action is always admissible
+    states = prior_quality.expert_states("overcooked-tomato", 1, 10_000)
+    assert len(states) == int(rows[0]["states"]) and all(s["expert"] in s["admissible"] for s in states)
