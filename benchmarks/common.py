@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -106,6 +107,14 @@ def git_commit() -> str:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
+class Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def show_path(arg) -> str:
     """An argument as a reader should see it: paths inside the repo relative to it."""
     arg = str(arg)
@@ -155,11 +164,18 @@ def run_jobs(jobs: list[Job], entry_dir: str, extra: Iterable[str] = (), dry_run
         start = time.time()
         with open(os.path.join(job_dir, "log.txt"), "a") as log:
             proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
             try:
                 _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak memory, not the driver's
             except KeyboardInterrupt:  # Ctrl-C reached the script too: it checkpoints, and a rerun resumes it
                 proc.wait()
                 raise
+            except Terminated:  # `kill <driver>`: stop the script the same way (it checkpoints on SIGINT)
+                proc.send_signal(signal.SIGINT)
+                proc.wait()
+                raise SystemExit(f"terminated; rerun the same command to resume {job.name}") from None
+            finally:
+                signal.signal(signal.SIGTERM, previous)
             proc.returncode = os.waitstatus_to_exitcode(status)
         meta.update(wall_clock_s=round(time.time() - start, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
                     returncode=proc.returncode)  # fmt: skip

@@ -12,7 +12,7 @@ action, and seconds per LLM query. This is the number that predicts whether DQN-
 
 Budgets:
     smoke  overcooked-tomato, 1 expert episode, the embedded prior in dist mode, k in {1, 5}
-    small  overcooked-tomato, overcooked-salad, frozenlake, alfworld-pick; 2 episodes each; embedded (Gemma-3-270M)
+    small  overcooked-tomato, overcooked-salad, frozenlake, alfworld-pick; 1 episode each; embedded (Gemma-3-270M)
            and smollm2; modes dist, map, constrained; k in {1, 3, 5, 10}
     paper  as small with 10 episodes; pass the paper's LLMs with --models
 
@@ -31,7 +31,7 @@ from common import common_parser, git_commit, markdown_table, write_csv  # noqa:
 ENTRY = "prior_quality"
 BUDGET = {
     "smoke": dict(envs=["overcooked-tomato"], episodes=1, models=["embedded"], modes=["dist"], ks=[1, 5]),
-    "small": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick"], episodes=2,
+    "small": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick"], episodes=1,
                   models=["embedded", "smollm2"], modes=["dist", "map", "constrained"], ks=[1, 3, 5, 10]),
     "paper": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick"], episodes=10,
                   models=["embedded", "smollm2"], modes=["dist", "map", "constrained"], ks=[1, 3, 5, 10]),

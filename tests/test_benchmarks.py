@@ -187,3 +187,31 @@ def test_smoke_prior_quality(smoke, monkeypatch):
     # the expert's states: the expert action is always admissible
     states = prior_quality.expert_states("overcooked-tomato", 1, 10_000)
     assert len(states) == int(rows[0]["states"]) and all(s["expert"] in s["admissible"] for s in states)
+
+
+def test_terminating_the_driver_stops_its_run_so_that_it_can_checkpoint(tmp_path):
+    """`kill <driver>` reaches the running script as SIGINT (the scripts checkpoint on it) instead of orphaning it."""
+    import signal
+    import subprocess
+    import time
+
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text(
+        "import pathlib, sys, time\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--runs-dir') + 1]); out.mkdir(parents=True, exist_ok=True)\n"
+        "(out / 'started').write_text('1')\n"
+        "try:\n    time.sleep(120)\nexcept KeyboardInterrupt:\n    (out / 'checkpointed').write_text('1'); sys.exit(1)\n"
+    )  # fmt: skip
+    driver = subprocess.Popen([sys.executable, "-c", (
+        f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); import common; "
+        f"common.run_jobs([common.Job({{'a': 1}}, {str(sleeper)!r})], {str(tmp_path / 'entry')!r})")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    job_dir = tmp_path / "entry" / "1"
+    for _ in range(600):
+        if (job_dir / "started").exists():
+            break
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=60)
+    assert driver.returncode != 0 and "rerun the same command to resume" in err
+    assert (job_dir / "checkpointed").exists()
