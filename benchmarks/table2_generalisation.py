@@ -14,8 +14,8 @@ any other name goes to `--eval-prior.model` (e.g. `smollm2`, the other embedded 
 
 Budgets:
     smoke  Salad(40) (no unseen split), 10 gradient steps, k in {1, 2}, the training prior, 1 episode
-    small  ALFWorld-Pick(6500), seed 1, 5000 gradient steps; k in {1, 5, 10, 15}; embedded and smollm2;
-           5 episodes per split
+    small  ALFWorld-Pick(1500) (see table1_offline.py), seed 1, 5000 gradient steps; k in {1, 5, 10, 15}; embedded
+           and smollm2; 3 episodes per split
     paper  ALFWorld-Pick(6500), seeds 1 2 3, 10000 gradient steps; k in {1, 5, 10, 15}; the training prior and
            --eval-models; 26 episodes per split (the paper's 26 tasks)
 """
@@ -31,8 +31,8 @@ from table1_offline import dataset_path, ensure_datasets  # noqa: E402
 ENTRY = "table2_generalisation"
 BUDGET = {
     "smoke": dict(dataset="overcooked-salad:40", seeds=[1], steps=10, ks=[1, 2], models=["embedded"], episodes=1),
-    "small": dict(dataset="alfworld-pick:6500", seeds=[1], steps=5000, ks=[1, 5, 10, 15],
-                  models=["embedded", "smollm2"], episodes=5),
+    "small": dict(dataset="alfworld-pick:1500", seeds=[1], steps=5000, ks=[1, 5, 10, 15],
+                  models=["embedded", "smollm2"], episodes=3),
     "paper": dict(dataset="alfworld-pick:6500", seeds=[1, 2, 3], steps=10_000, ks=[1, 5, 10, 15],
                   models=["embedded"], episodes=26),
 }  # fmt: skip
@@ -42,13 +42,13 @@ PAPER = {  # Table 2, CQL-Prior trained with Qwen1.5-7B, k=5, evaluated with the
 }  # fmt: skip
 
 
-def train_jobs(b: dict, path: str, seeds: list[int], steps: int) -> list[Job]:
-    return [Job({"stage": "train", "seed": seed}, "cql_prior.py", [
+def train_jobs(b: dict, spec: str, path: str, seeds: list[int], steps: int) -> list[Job]:
+    return [Job({"stage": "train", "dataset": spec, "seed": seed}, "cql_prior.py", [
         "--dataset", path, "--seed", seed, "--exp-name", "cql-prior", "--total-steps", steps, "--eval-freq",
         max(steps // 4, 1), "--eval-episodes", b["episodes"]]) for seed in seeds]  # fmt: skip
 
 
-def eval_jobs(b: dict, path: str, trained: dict, ks: list[int], models: list[str]) -> list[Job]:
+def eval_jobs(b: dict, spec: str, path: str, trained: dict, ks: list[int], models: list[str]) -> list[Job]:
     """`trained`: seed -> the trained run folder (None before training: the dry run shows a placeholder)."""
     jobs = []
     for seed, run_dir in trained.items():
@@ -56,7 +56,8 @@ def eval_jobs(b: dict, path: str, trained: dict, ks: list[int], models: list[str
         for model in models:
             for k in ks:
                 model_args = [] if model == "embedded" else ["--eval-prior.model", model]
-                jobs.append(Job({"stage": "eval", "seed": seed, "eval_model": model, "eval_k": k}, "cql_prior.py", [
+                key = {"stage": "eval", "dataset": spec, "seed": seed, "eval_model": model, "eval_k": k}
+                jobs.append(Job(key, "cql_prior.py", [
                     "--dataset", path, "--seed", seed, "--exp-name", f"eval-k{k}", "--total-steps", 0,
                     "--load-model", q, "--eval-k", k, *model_args, "--eval-episodes", b["episodes"]]))  # fmt: skip
     return jobs
@@ -85,12 +86,12 @@ def main(argv=None) -> int:
         return 1
     path = dataset_path(args.data_dir, spec, args.extra)
     entry_dir = os.path.join(args.runs_dir, ENTRY, args.budget)
-    train = train_jobs(b, path, seeds, args.steps or b["steps"])
+    train = train_jobs(b, spec, path, seeds, args.steps or b["steps"])
     if not args.collect_only:
         failed += run_jobs(train, entry_dir, args.extra, args.dry_run)
     trained = {job.key["seed"]: run_dir_of(os.path.join(entry_dir, job.name)) for job in train
                if job.name not in failed}  # fmt: skip
-    evals = eval_jobs(b, path, trained, args.ks or b["ks"], args.eval_models or b["models"])
+    evals = eval_jobs(b, spec, path, trained, args.ks or b["ks"], args.eval_models or b["models"])
     if not args.collect_only:
         failed += run_jobs(evals, entry_dir, args.extra, args.dry_run)
     if args.dry_run:
@@ -99,16 +100,16 @@ def main(argv=None) -> int:
     suffix = "" if args.budget == "small" else f"_{args.budget}"
     if rows:
         write_csv(rows, os.path.join(args.results_dir, f"{ENTRY}{suffix}.csv"))
-        table = aggregate(rows, ["eval_model", "eval_k"], ["seen_return", "seen_success", "unseen_return",
+        table = aggregate(rows, ["dataset", "eval_model", "eval_k"], ["seen_return", "seen_success", "unseen_return",
                                                             "unseen_success"])  # fmt: skip
         for t in table:
             t.update(seen=fmt(t["seen_success_mean"], t["seen_success_se"]),
                      unseen=fmt(t["unseen_success_mean"], t["unseen_success_se"]),
                      seen_r=fmt(t["seen_return_mean"], t["seen_return_se"]),
                      paper_seen=PAPER.get(("seen", t["eval_k"])), paper_unseen=PAPER.get(("unseen", t["eval_k"])))
-        print(markdown_table(table, ["eval_model", "eval_k", "n", "seen", "unseen", "seen_r", "paper_seen",
+        print(markdown_table(table, ["dataset", "eval_model", "eval_k", "n", "seen", "unseen", "seen_r", "paper_seen",
                                      "paper_unseen"],
-                             ["eval LLM", "k", "seeds", "seen success", "unseen success", "seen return",
+                             ["dataset", "eval LLM", "k", "seeds", "seen success", "unseen success", "seen return",
                               "paper seen (Qwen-7B)", "paper unseen (Qwen-7B)"]))  # fmt: skip
     if failed:
         print(f"failed: {' '.join(failed)}", file=sys.stderr)
