@@ -115,6 +115,10 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def show_path(arg) -> str:
     """An argument as a reader should see it: paths inside the repo relative to it."""
     arg = str(arg)
@@ -163,7 +167,10 @@ def run_jobs(jobs: list[Job], entry_dir: str, extra: Iterable[str] = (), dry_run
         print(f"[{i}/{len(jobs)}] {shown}\n        log: {show_path(job_dir)}/log.txt", flush=True)
         start = time.time()
         with open(os.path.join(job_dir, "log.txt"), "a") as log:
-            proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            # SIGINT back to its default in the child: a driver started in the background (`... &`) inherits an
+            # ignored SIGINT, and a script that ignores it could not be stopped to checkpoint.
+            proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=_default_sigint)  # fmt: skip
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
             try:
                 _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak memory, not the driver's

@@ -12,10 +12,11 @@ dataset on which each method reaches return >= 1.0 (the paper: CQL-Prior at ~100
 
 Budgets:
     smoke  Salad(40); all five methods; seed 1; 10 gradient steps, 1 eval episode
-    small  Salad(1000), Salad(4000), ALFWorld-Pick(1500); all five methods; seeds 1 2 3; 5000 gradient steps
-           (BC: 100 of batch 32), eval every 500 (ALFWorld: 2500; BC: 50) with 3 episodes. ALFWorld-Pick is cut to 1500
-           transitions here: storing the prior's proposals for the paper's 6500 (2752 distinct states, ~3 s of
-           Gemma-3-270M each on one core) would take over two hours on this CPU
+    small  Salad(1000), Salad(4000), ALFWorld-Pick(1500); DQN, CQL, DQN-Prior, CQL-Prior; seeds 1 2 3; 5000
+           gradient steps, eval every 500 (ALFWorld: 2500) with 3 episodes. No BC: its LM policy trains at 0.03
+           steps/s here (batch 32, Salad prompts, one core), an hour per run; `--methods BC` adds it (100 steps).
+           ALFWorld-Pick is cut to 1500 transitions: storing the prior's proposals for the paper's 6500 (2752
+           distinct states, ~3 s of Gemma-3-270M each on one core) would take over two hours on this CPU
     paper  Salad(1000, 4000, 8000, 12000, 24000), ALFWorld-Pick(6500); seeds 1 2 3; 10000 gradient steps (the
            authors'), eval every 500 with 10 episodes; BC 2000 steps
 
@@ -47,12 +48,13 @@ PAPER = {  # Table 1 of the paper (mean return; Qwen1.5-7B prior, k=5)
     "alfworld-pick:6500": {"DQN": 0.27, "CQL": 0.03, "DQN-Prior": 0.49, "CQL-Prior": 0.80, "BC": 0.31},
 }
 BUDGET = {
-    "smoke": dict(datasets=["overcooked-salad:40"], seeds=[1], steps=10, bc_steps=2, eval_freq=10, bc_eval_freq=2,
+    "smoke": dict(datasets=["overcooked-salad:40"], methods=list(METHODS), seeds=[1], steps=10, bc_steps=2, eval_freq=10, bc_eval_freq=2,
                   eval_episodes=1, alfworld_eval_freq=10),
-    "small": dict(datasets=["overcooked-salad:1000", "overcooked-salad:4000", "alfworld-pick:1500"], seeds=[1, 2, 3],
+    "small": dict(datasets=["overcooked-salad:1000", "overcooked-salad:4000", "alfworld-pick:1500"],
+                  methods=["DQN", "CQL", "DQN-Prior", "CQL-Prior"], seeds=[1, 2, 3],
                   steps=5000, bc_steps=100, eval_freq=500, bc_eval_freq=50, eval_episodes=3, alfworld_eval_freq=2500),
     "paper": dict(datasets=[f"overcooked-salad:{n}" for n in (1000, 4000, 8000, 12000, 24000)] + ["alfworld-pick:6500"],
-                  seeds=[1, 2, 3], steps=10_000, bc_steps=2000, eval_freq=500, bc_eval_freq=250, eval_episodes=10,
+                  methods=list(METHODS), seeds=[1, 2, 3], steps=10_000, bc_steps=2000, eval_freq=500, bc_eval_freq=250, eval_episodes=10,
                   alfworld_eval_freq=500),
 }  # fmt: skip
 
@@ -131,7 +133,7 @@ def smallest_reaching(table: list[dict], metric: str, threshold: float) -> dict:
 def main(argv=None) -> int:
     parser = common_parser(__doc__)
     parser.add_argument("--datasets", nargs="+", default=None, help="env:transitions, e.g. overcooked-salad:1000")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="override the budget's")
     parser.add_argument("--steps", type=int, default=None, help="override the budget's gradient steps (not BC's)")
     parser.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     args = parser.parse_args(argv)
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     specs, seeds = args.datasets or b["datasets"], args.seeds or b["seeds"]
     failed = [] if args.collect_only else ensure_datasets(specs, args.data_dir, args.extra, args.dry_run)
     specs = [s for s in specs if s not in failed]
-    jobs = jobs_for(args.budget, specs, args.methods, seeds, args.data_dir, args.extra, args.steps)
+    jobs = jobs_for(args.budget, specs, args.methods or b["methods"], seeds, args.data_dir, args.extra, args.steps)
     entry_dir = os.path.join(args.runs_dir, ENTRY, args.budget)
     if not args.collect_only:
         failed += run_jobs(jobs, entry_dir, args.extra, args.dry_run)

@@ -190,7 +190,8 @@ def test_smoke_prior_quality(smoke, monkeypatch):
 
 
 def test_terminating_the_driver_stops_its_run_so_that_it_can_checkpoint(tmp_path):
-    """`kill <driver>` reaches the running script as SIGINT (the scripts checkpoint on it) instead of orphaning it."""
+    """`kill <driver>` reaches the running script as SIGINT (the scripts checkpoint on it) instead of orphaning it,
+    also where the driver was started in the background with SIGINT ignored."""
     import signal
     import subprocess
     import time
@@ -205,7 +206,8 @@ def test_terminating_the_driver_stops_its_run_so_that_it_can_checkpoint(tmp_path
     driver = subprocess.Popen([sys.executable, "-c", (
         f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); import common; "
         f"common.run_jobs([common.Job({{'a': 1}}, {str(sleeper)!r})], {str(tmp_path / 'entry')!r})")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as `driver &` in a script starts it  # fmt: skip
     job_dir = tmp_path / "entry" / "1"
     for _ in range(600):
         if (job_dir / "started").exists():
