@@ -149,6 +149,9 @@ class Args:
     """frozen text encoder of (s,a) strings: the embedded all-MiniLM-L6-v2, or e.g. bert-base-uncased (paper)"""
     encoder_pooling: Literal["mean", "cls"] = "mean"
     """sentence vector: mean over tokens (how MiniLM was trained) or [CLS] (the authors, with BERT)"""
+    encoder_cache: bool = True
+    """keep the frozen encoder's embeddings in $LLMPRIOR_CACHE/embeddings.sqlite (default ~/.cache/llmprior), so
+    that later runs on the same strings skip the encoder"""
     learning_rate: float = 5e-4
     """the learning rate of the AdamW optimizer"""
     gamma: float = 0.99
@@ -954,13 +957,53 @@ def feature_text(env_id: str, task: str, obs: str, action: str) -> str:
     return f"Observation: {obs},  Action: {action}."
 
 
+class EmbeddingCache:
+    """Embeddings of a frozen encoder by (encoder, pooling, text) in SQLite (float32 bytes): runs on the same strings
+    (seeds, methods on one dataset) skip the encoder. Safe for concurrent processes like ProposalCache."""
+
+    def __init__(self, encoder_id: str, path: Optional[str] = None) -> None:
+        self.encoder_id = encoder_id
+        self.path = Path(path) if path else llmprior_cache_dir() / "embeddings.sqlite"
+        self._conn: Optional[sqlite3.Connection] = None
+        self._pid = -1
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():  # never reuse a connection across a fork
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, vector BLOB NOT NULL)")
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def key(self, text: str) -> str:
+        return hashlib.sha256(json.dumps([self.encoder_id, text], ensure_ascii=True).encode()).hexdigest()
+
+    def get_many(self, texts: list[str]) -> dict[str, np.ndarray]:
+        keys = {self.key(t): t for t in texts}
+        found, key_list = {}, list(keys)
+        for i in range(0, len(key_list), 500):
+            chunk = key_list[i : i + 500]
+            rows = self._connect().execute(
+                f"SELECT key, vector FROM embeddings WHERE key IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()  # fmt: skip
+            found.update({keys[k]: np.frombuffer(v, dtype=np.float32) for k, v in rows})
+        return found
+
+    def put_many(self, texts: list[str], vectors: torch.Tensor) -> None:
+        rows = [(self.key(t), v.astype(np.float32).tobytes()) for t, v in zip(texts, vectors.cpu().numpy())]
+        self._connect().executemany("INSERT OR IGNORE INTO embeddings (key, vector) VALUES (?, ?)", rows)
+
+
 class TextEncoder:
     """A frozen encoder with an embedding table: each distinct string is encoded once, in batches.
 
     The buffer stores row indices into ``table``, so a replay batch is a gather, not an encoder call.
     """
 
-    def __init__(self, name: str, device: torch.device, pooling: str = "mean", batch_size: int = 64):
+    def __init__(self, name: str, device: torch.device, pooling: str = "mean", batch_size: int = 64,
+                 cache: Optional[EmbeddingCache] = None):  # fmt: skip
         from transformers import AutoModel, AutoTokenizer
 
         path = resolve_encoder(name)
@@ -973,6 +1016,7 @@ class TextEncoder:
         self.index: dict[str, int] = {}
         self.texts: list[str] = []
         self.table = torch.zeros(0, self.dim, device=device)
+        self.cache = cache
 
     @torch.no_grad()
     def _encode(self, texts: list[str]) -> torch.Tensor:
@@ -993,7 +1037,14 @@ class TextEncoder:
         """Row indices for ``texts``, encoding the ones never seen before in one batched call."""
         new = list(dict.fromkeys(t for t in texts if t not in self.index))
         if new:
-            self.table = torch.cat([self.table, self._encode(new)])
+            cached = self.cache.get_many(new) if self.cache else {}
+            missing = [t for t in new if t not in cached]
+            encoded = self._encode(missing) if missing else torch.zeros(0, self.dim)
+            if self.cache and missing:
+                self.cache.put_many(missing, encoded)
+            rows = dict(zip(missing, encoded.cpu()))
+            rows.update({t: torch.from_numpy(v.copy()) for t, v in cached.items()})
+            self.table = torch.cat([self.table, torch.stack([rows[t] for t in new]).to(self.device)])
             for t in new:
                 self.index[t] = len(self.texts)
                 self.texts.append(t)
@@ -1463,7 +1514,8 @@ if __name__ == "__main__":
             f"{args.dataset} does not match this run: its {'; '.join(mismatch)}. Build the dataset with this run's "
             "settings, change them, or pass --allow-mismatch to train on its stored proposals as they are"
         )
-    encoder = TextEncoder(args.encoder, device, pooling=args.encoder_pooling)
+    encoder = TextEncoder(args.encoder, device, pooling=args.encoder_pooling,
+                          cache=EmbeddingCache(f"{args.encoder}|{args.encoder_pooling}") if args.encoder_cache else None)
     if ckpt is not None:
         encoder.load_state_dict(ckpt["encoder"])  # before the dataset, so that its strings keep their rows
     q_network = QNetwork(encoder.dim).to(device)

@@ -168,3 +168,20 @@ def test_dqn_prior_with_the_real_embedded_models(env_id, tmp_path, shared_prior_
     assert "coverage" in result.stdout and "LLM queries" in result.stdout
     if env_id.startswith("alfworld"):
         assert "eval_unseen/success_rate" in summary or env_id == "alfworld-examine"
+
+
+def test_embedding_cache_serves_later_encoders_without_the_model(tmp_path):
+    """The frozen encoder's vectors persist by (encoder, pooling, text): a second encoder on the same strings gets
+    exactly the same rows without calling its model; another pooling is another key."""
+    from dqn_prior import EmbeddingCache, TextEncoder
+
+    path = str(tmp_path / "emb.sqlite")
+    texts = ["Observation: a,  Action: b.", "Observation: c,  Action: d.", "Observation: a,  Action: b."]
+    first = TextEncoder("all-MiniLM-L6-v2", torch.device("cpu"), cache=EmbeddingCache("minilm|mean", path))
+    ids = first.ids(texts)
+    assert ids == [0, 1, 0] and first.table.shape == (2, first.dim)
+    second = TextEncoder("all-MiniLM-L6-v2", torch.device("cpu"), cache=EmbeddingCache("minilm|mean", path))
+    second._encode = None  # any encoder call now fails
+    assert second.ids(texts[::-1]) == [0, 1, 0] and torch.equal(second.table, first.table[[0, 1]])
+    other = EmbeddingCache("minilm|cls", path)
+    assert other.get_many(texts) == {} and len(EmbeddingCache("minilm|mean", path).get_many(texts)) == 2
