@@ -123,11 +123,11 @@ def main(argv=None) -> int:
         plot_curves(out("fig4_ablations"), rows, "panel", ["value"], "step", "eval/return_mean", "env steps",
                     "Fig. 4b-d on this machine: k, KL coefficient (GFlan-Prior), softmax temperature (DQN-Prior)")
     if have("table1_offline"):
-        from table1_offline import PAPER
+        from table1_offline import paper_row
 
         table = aggregate(read_csv(csv_path("table1_offline")), ["dataset", "method"],
                           ["final_return"])  # fmt: skip
-        paper = {(ds, m): v for ds, row in PAPER.items() for m, v in row.items()}
+        paper = {(t["dataset"], m): v for t in table for m, v in paper_row(t["dataset"]).items()}
         plot_bars(out("table1_offline"), table, "dataset", "method", "final_return",
                   "Table 1 on this machine: final eval return (mean ± s.e. over seeds)", paper)  # fmt: skip
     if have("table2_generalisation"):

@@ -47,7 +47,8 @@ def jobs_for(budget: str, entry_dir: str, env: str, seeds: list[int]) -> list[Jo
 def run_row(run: dict) -> dict:
     s = run["summary"]
     return {"steps": s["global_step"], "training_wall_clock_s": round(s["wall_clock_s"], 1),
-            "prior_queries": s["prior_queries"], "prior_cache_hit_rate": s.get("prior_cache_hit_rate"),
+            "prior_queries": s["prior_queries"],
+            "prior_cache_hit_rate": round(s["prior_cache_hit_rate"], 3) if s.get("prior_cache_hit_rate") is not None else None,
             "final_return": round(s["eval/return_mean"], 4) if s.get("eval/return_mean") is not None else None,
             "steps_to_success": first_step_reaching(run["evals"], "eval/success_rate", 0.9)}  # fmt: skip
 
@@ -68,11 +69,11 @@ def main(argv=None) -> int:
     if rows:
         write_csv(rows, os.path.join(args.results_dir, f"{ENTRY}{suffix}.csv"))
         for r in rows:
-            r["minutes"] = f"{r['training_wall_clock_s'] / 60:.1f}"
+            r["seconds"] = f"{r['training_wall_clock_s']:.0f}"
             r["paper"] = "{} min, {} queries".format(*PAPER[r["variant"]]) if r["variant"] in PAPER else None
-        print(markdown_table(rows, ["variant", "env", "seed", "steps", "minutes", "prior_queries",
+        print(markdown_table(rows, ["variant", "env", "seed", "steps", "seconds", "prior_queries",
                                     "prior_cache_hit_rate", "peak_rss_mb", "final_return", "paper"],
-                             ["variant", "env", "seed", "env steps", "training minutes", "LLM queries", "cache hit",
+                             ["variant", "env", "seed", "env steps", "training s", "LLM queries", "cache hit",
                               "peak RSS MB", "final return", "paper (to converge, 7B)"]))  # fmt: skip
     if failed:
         print(f"failed: {' '.join(failed)}", file=sys.stderr)

@@ -106,7 +106,8 @@ def main(argv=None) -> int:
             t.update(seen=fmt(t["seen_success_mean"], t["seen_success_se"]),
                      unseen=fmt(t["unseen_success_mean"], t["unseen_success_se"]),
                      seen_r=fmt(t["seen_return_mean"], t["seen_return_se"]),
-                     paper_seen=PAPER.get(("seen", t["eval_k"])), paper_unseen=PAPER.get(("unseen", t["eval_k"])))
+                     paper_seen=PAPER.get(("seen", t["eval_k"])) if t["dataset"].startswith("alfworld-pick") else None,
+                     paper_unseen=PAPER.get(("unseen", t["eval_k"])) if t["dataset"].startswith("alfworld-pick") else None)
         print(markdown_table(table, ["dataset", "eval_model", "eval_k", "n", "seen", "unseen", "seen_r", "paper_seen",
                                      "paper_unseen"],
                              ["dataset", "eval LLM", "k", "seeds", "seen success", "unseen success", "seen return",
