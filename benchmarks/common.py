@@ -226,6 +226,21 @@ def collect(jobs: list[Job], entry_dir: str, row_fn) -> list[dict]:
     return rows
 
 
+def results_path(results_dir: str, entry: str, budget: str, kind: str = "") -> str:
+    """results/<entry>.csv for the small budget (the README's numbers), <entry>_<budget>.csv for the others."""
+    return os.path.join(results_dir, f"{entry}{'' if budget == 'small' else '_' + budget}{kind}.csv")
+
+
+def save_results(jobs: list[Job], entry_dir: str, row_fn, path: str, curves: bool = False) -> list[dict]:
+    """`collect` the finished jobs into `path` (and their evaluations into <path>_curves.csv) -> the rows."""
+    rows = collect(jobs, entry_dir, row_fn)
+    if rows:
+        write_csv(rows, path)
+        if curves:
+            write_csv(curve_rows(jobs, entry_dir), path[: -len(".csv")] + "_curves.csv")
+    return rows
+
+
 def curve_rows(jobs: list[Job], entry_dir: str, metrics: tuple = ("eval/return_mean", "eval/success_rate")) -> list:
     """Long-format evaluation curves: one row per (job, evaluation) with the x-axis in `step`."""
     rows = []

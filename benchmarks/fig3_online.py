@@ -21,8 +21,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Job, aggregate, collect, common_parser, curve_rows, first_step_reaching, fmt, markdown_table,  # noqa: E402
-                    run_jobs, write_csv)  # fmt: skip
+from common import (Job, aggregate, common_parser, first_step_reaching, fmt, markdown_table, results_path,  # noqa: E402
+                    run_jobs, save_results)  # fmt: skip
 
 ENTRY = "fig3_online"
 ALGOS = {  # algo -> (script, arguments)
@@ -82,11 +82,8 @@ def main(argv=None) -> int:
     failed = [] if args.collect_only else run_jobs(jobs, entry_dir, args.extra, args.dry_run)
     if args.dry_run:
         return 0
-    rows = collect(jobs, entry_dir, run_row)
-    suffix = "" if args.budget == "small" else f"_{args.budget}"
+    rows = save_results(jobs, entry_dir, run_row, results_path(args.results_dir, ENTRY, args.budget), curves=True)
     if rows:
-        write_csv(rows, os.path.join(args.results_dir, f"{ENTRY}{suffix}.csv"))
-        write_csv(curve_rows(jobs, entry_dir), os.path.join(args.results_dir, f"{ENTRY}{suffix}_curves.csv"))
         table = aggregate(rows, ["env", "algo"], ["final_return", "final_success", "best_return", "steps_to_success",
                                                   "prior_queries", "prior_coverage", "wall_clock_s"])  # fmt: skip
         for t in table:

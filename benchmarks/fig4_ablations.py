@@ -22,8 +22,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Job, aggregate, collect, common_parser, curve_rows, fmt, markdown_table, run_jobs,  # noqa: E402
-                    write_csv)  # fmt: skip
+from common import (Job, aggregate, common_parser, fmt, markdown_table, results_path, run_jobs,  # noqa: E402
+                    save_results)  # fmt: skip
 
 ENTRY = "fig4_ablations"
 ABLATIONS = {  # name -> (script, flag, values, fixed arguments)
@@ -77,11 +77,8 @@ def main(argv=None) -> int:
     failed = [] if args.collect_only else run_jobs(jobs, entry_dir, args.extra, args.dry_run)
     if args.dry_run:
         return 0
-    rows = collect(jobs, entry_dir, run_row)
-    suffix = "" if args.budget == "small" else f"_{args.budget}"
+    rows = save_results(jobs, entry_dir, run_row, results_path(args.results_dir, ENTRY, args.budget), curves=True)
     if rows:
-        write_csv(rows, os.path.join(args.results_dir, f"{ENTRY}{suffix}.csv"))
-        write_csv(curve_rows(jobs, entry_dir), os.path.join(args.results_dir, f"{ENTRY}{suffix}_curves.csv"))
         table = aggregate(rows, ["ablation", "env", "value"], ["final_return", "final_success", "best_return"])
         for t in table:
             t.update(final=fmt(t["final_return_mean"], t["final_return_se"]),

@@ -20,8 +20,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Job, collect, common_parser, first_step_reaching, markdown_table, run_jobs,  # noqa: E402
-                    write_csv)  # fmt: skip
+from common import (Job, common_parser, first_step_reaching, markdown_table, results_path, run_jobs,  # noqa: E402
+                    save_results)  # fmt: skip
 
 ENTRY = "table12_cache"
 VARIANTS = {"per-step": "off", "memory": "memory", "disk": "disk"}
@@ -64,10 +64,8 @@ def main(argv=None) -> int:
     failed = [] if args.collect_only else run_jobs(jobs, entry_dir, args.extra, args.dry_run)
     if args.dry_run:
         return 0
-    rows = collect(jobs, entry_dir, run_row)
-    suffix = "" if args.budget == "small" else f"_{args.budget}"
+    rows = save_results(jobs, entry_dir, run_row, results_path(args.results_dir, ENTRY, args.budget))
     if rows:
-        write_csv(rows, os.path.join(args.results_dir, f"{ENTRY}{suffix}.csv"))
         for r in rows:
             r["seconds"] = f"{r['training_wall_clock_s']:.0f}"
             r["paper"] = "{} min, {} queries".format(*PAPER[r["variant"]]) if r["variant"] in PAPER else None

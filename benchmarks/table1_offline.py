@@ -30,8 +30,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ROOT, Job, aggregate, collect, common_parser, curve_rows, fmt, markdown_table, prior_args,  # noqa: E402
-                    run_jobs, show_path, write_csv)  # fmt: skip
+from common import (ROOT, Job, aggregate, common_parser, fmt, markdown_table, prior_args, results_path,  # noqa: E402
+                    run_jobs, save_results, show_path)  # fmt: skip
 
 ENTRY = "table1_offline"
 METHODS = {  # method -> (script, arguments)
@@ -155,11 +155,8 @@ def main(argv=None) -> int:
         failed += run_jobs(jobs, entry_dir, args.extra, args.dry_run)
     if args.dry_run:
         return 0
-    rows = collect(jobs, entry_dir, run_row)
-    suffix = "" if args.budget == "small" else f"_{args.budget}"
+    rows = save_results(jobs, entry_dir, run_row, results_path(args.results_dir, ENTRY, args.budget), curves=True)
     if rows:
-        write_csv(rows, os.path.join(args.results_dir, f"{ENTRY}{suffix}.csv"))
-        write_csv(curve_rows(jobs, entry_dir), os.path.join(args.results_dir, f"{ENTRY}{suffix}_curves.csv"))
         table = aggregate(rows, ["dataset", "method"], ["final_return", "best_return", "final_success",
                                                          "unseen_success", "data_action_in_proposals",
                                                          "transitions"])  # fmt: skip

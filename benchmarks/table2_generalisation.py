@@ -24,8 +24,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Job, aggregate, collect, common_parser, fmt, markdown_table, run_dir_of, run_jobs,  # noqa: E402
-                    write_csv)  # fmt: skip
+from common import (Job, aggregate, common_parser, fmt, markdown_table, results_path, run_dir_of, run_jobs,  # noqa: E402
+                    save_results)  # fmt: skip
 from table1_offline import dataset_path, ensure_datasets  # noqa: E402
 
 ENTRY = "table2_generalisation"
@@ -96,10 +96,8 @@ def main(argv=None) -> int:
         failed += run_jobs(evals, entry_dir, args.extra, args.dry_run)
     if args.dry_run:
         return 0
-    rows = collect(evals, entry_dir, eval_row)
-    suffix = "" if args.budget == "small" else f"_{args.budget}"
+    rows = save_results(evals, entry_dir, eval_row, results_path(args.results_dir, ENTRY, args.budget))
     if rows:
-        write_csv(rows, os.path.join(args.results_dir, f"{ENTRY}{suffix}.csv"))
         table = aggregate(rows, ["dataset", "eval_model", "eval_k"], ["seen_return", "seen_success", "unseen_return",
                                                             "unseen_success"])  # fmt: skip
         for t in table:
