@@ -19,9 +19,10 @@ rejected episodes per kind, the success share and how often the proposals contai
 Measured with the default mix (10% expert, 65% noisy with ε = 0.5, 25% random; 75% successful), seed 1: Salad(1000)
 1011 transitions in 34 episodes (success share 0.74, 55% of the transitions in successful episodes), Salad(24000)
 24000 in 835 (0.75, 56%), ALFWorld-Pick 6510 in 289 (0.75, 33%). `--prior.history 0` keeps the prior affordable on
-a CPU: with Salad's default 5-pair history nearly every transition is a new prompt (one LLM query each, 2-6 s with
-the embedded Gemma-3-270M on 2 busy cores), with 0 the 24,000 Salad transitions hold 564 distinct states (569
-queries, 35 min). ALFWorld-Pick's 6510 transitions hold 2752 distinct states.
+a CPU: with Salad's default 5-pair history nearly every transition is a new prompt (one LLM query each; a Salad
+query with history 0 took 1.3 s of the embedded Gemma-3-270M on one core, longer prompts take longer), with 0 the
+24,000 Salad transitions hold 564 distinct states (569 queries, 32 min). ALFWorld-Pick's 6510 transitions hold 2752
+distinct states (about 2.2 s per query).
 
 Usage:
     python build_dataset.py --env overcooked-salad --transitions 1000 --out data/salad_1000.jsonl --prior.history 0

@@ -313,6 +313,17 @@ def llmprior_cache_dir() -> Path:
     return Path(os.environ.get("LLMPRIOR_CACHE") or Path.home() / ".cache" / "llmprior")
 
 
+def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
+    """A cache file several processes can write at once: WAL, a busy timeout, autocommit; `schema` creates its table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=60000")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(schema)
+    return conn
+
+
 class ProposalCache:
     """Proposals (and action scores) by key: `off`, `memory` (a dict) or `disk` (SQLite, shared by processes,
     survives restarts). Values are JSON lists.
@@ -335,13 +346,8 @@ class ProposalCache:
     def _connect(self) -> sqlite3.Connection:
         # A SQLite connection must not cross a fork: reconnect in a child process.
         if self._conn is None or self._pid != os.getpid():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("CREATE TABLE IF NOT EXISTS proposals (key TEXT PRIMARY KEY, proposals TEXT NOT NULL)")
-            self._conn, self._pid = conn, os.getpid()
+            schema = "CREATE TABLE IF NOT EXISTS proposals (key TEXT PRIMARY KEY, proposals TEXT NOT NULL)"
+            self._conn, self._pid = open_sqlite(self.path, schema), os.getpid()
         return self._conn
 
     @staticmethod
@@ -956,12 +962,8 @@ class EmbeddingCache:
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # never reuse a connection across a fork
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, vector BLOB NOT NULL)")
-            self._conn, self._pid = conn, os.getpid()
+            schema = "CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, vector BLOB NOT NULL)"
+            self._conn, self._pid = open_sqlite(self.path, schema), os.getpid()
         return self._conn
 
     def key(self, text: str) -> str:
@@ -1024,13 +1026,13 @@ class TextEncoder:
         """Row indices for ``texts``, encoding the ones never seen before in one batched call."""
         new = list(dict.fromkeys(t for t in texts if t not in self.index))
         if new:
-            cached = self.cache.get_many(new) if self.cache else {}
-            missing = [t for t in new if t not in cached]
-            encoded = self._encode(missing) if missing else torch.zeros(0, self.dim)
-            if self.cache and missing:
-                self.cache.put_many(missing, encoded)
-            rows = dict(zip(missing, encoded.cpu()))
-            rows.update({t: torch.from_numpy(v.copy()) for t, v in cached.items()})
+            rows = {t: torch.from_numpy(v.copy()) for t, v in (self.cache.get_many(new) if self.cache else {}).items()}
+            missing = [t for t in new if t not in rows]
+            if missing:
+                encoded = self._encode(missing)
+                if self.cache:
+                    self.cache.put_many(missing, encoded)
+                rows.update(zip(missing, encoded.cpu()))
             self.table = torch.cat([self.table, torch.stack([rows[t] for t in new]).to(self.device)])
             for t in new:
                 self.index[t] = len(self.texts)

@@ -322,6 +322,17 @@ def llmprior_cache_dir() -> Path:
     return Path(os.environ.get("LLMPRIOR_CACHE") or Path.home() / ".cache" / "llmprior")
 
 
+def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
+    """A cache file several processes can write at once: WAL, a busy timeout, autocommit; `schema` creates its table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=60000")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(schema)
+    return conn
+
+
 class ProposalCache:
     """Proposals (and action scores) by key: `off`, `memory` (a dict) or `disk` (SQLite, shared by processes,
     survives restarts). Values are JSON lists.
@@ -344,13 +355,8 @@ class ProposalCache:
     def _connect(self) -> sqlite3.Connection:
         # A SQLite connection must not cross a fork: reconnect in a child process.
         if self._conn is None or self._pid != os.getpid():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("CREATE TABLE IF NOT EXISTS proposals (key TEXT PRIMARY KEY, proposals TEXT NOT NULL)")
-            self._conn, self._pid = conn, os.getpid()
+            schema = "CREATE TABLE IF NOT EXISTS proposals (key TEXT PRIMARY KEY, proposals TEXT NOT NULL)"
+            self._conn, self._pid = open_sqlite(self.path, schema), os.getpid()
         return self._conn
 
     @staticmethod

@@ -1,7 +1,7 @@
 """What the benchmark entries share: run the scripts' CLIs resumably, one CSV row per run, means and standard errors.
 
 Not a framework: an entry builds a list of `Job`s (a script and its arguments, plus the columns that name the run),
-`run_jobs` runs the ones that have not finished, `collect` reads what they wrote, `write_csv` saves the rows.
+`run_jobs` runs the ones that have not finished, `save_results` reads what they wrote into `results/*.csv`.
 
 Layout: every job gets its own folder `<runs-dir>/<entry>/<job name>/`, passed to the script as `--runs-dir`, so the
 script's own run folder lands inside it. Next to it `job.json` records the exact command, the git commit it ran at,
@@ -38,7 +38,6 @@ class Job:
     key: dict
     script: str
     args: list = field(default_factory=list)
-    resumable: bool = True  # the script takes --resume <its checkpoint.pt>
 
     @property
     def name(self) -> str:
@@ -68,34 +67,31 @@ NOT_TAKEN = {
     "cql_prior.py": ("--policy.",),
     "gflan_prior.py": ("--encoder", "--encoder-pooling", "--eval-prior.", "--eval-k"),
     "bc.py": ("--prior.", "--eval-prior.", "--k", "--eval-k", "--encoder", "--encoder-pooling"),
-    "build_dataset.py": ("--policy.", "--eval-prior.", "--eval-k", "--encoder", "--encoder-pooling"),
 }
+
+
+def split_args(extra: list, flags: tuple) -> tuple[list, list]:
+    """`extra` -> (the given flags with their values, the rest); a flag ending in "." is a prefix."""
+    def matches(flag: str) -> bool:
+        name = flag.split("=")[0]
+        return any(name.startswith(f) if f.endswith(".") else name == f for f in flags)
+
+    picked, rest, take = [], [], False
+    for a in extra:
+        if a.startswith("--"):
+            take = matches(a)
+        (picked if take else rest).append(a)
+    return picked, rest
 
 
 def drop_args(extra: list, flags: tuple) -> list:
     """`extra` without the given flags and their values."""
-    def dropped(flag: str) -> bool:
-        name = flag.split("=")[0]
-        return any(name.startswith(f) if f.endswith(".") else name == f for f in flags)
-
-    out, keep = [], True
-    for a in extra:
-        if a.startswith("--"):
-            keep = not dropped(a)
-        if keep:
-            out.append(a)
-    return out
+    return split_args(extra, flags)[1]
 
 
 def prior_args(extra: list) -> list:
     """The `--prior.*` arguments (with their values) among `extra`."""
-    out, take = [], False
-    for a in extra:
-        if a.startswith("--"):
-            take = a.startswith("--prior.")
-        if take:
-            out.append(a)
-    return out
+    return split_args(extra, ("--prior.",))[0]
 
 
 def git_commit() -> str:
@@ -156,7 +152,7 @@ def run_jobs(jobs: list[Job], entry_dir: str, extra: Iterable[str] = (), dry_run
             continue
         run_dir = run_dir_of(job_dir)
         ckpt = os.path.join(run_dir, "checkpoint.pt") if run_dir else None
-        if job.resumable and ckpt and os.path.exists(ckpt):
+        if ckpt and os.path.exists(ckpt):  # every script takes --resume <its checkpoint.pt>
             cmd += ["--resume", ckpt]
         shown = "python " + shlex.join(map(show_path, cmd))
         if dry_run:
@@ -211,44 +207,32 @@ def load_run(job_dir: str) -> Optional[dict]:
     return {"summary": summary, "evals": evals, "job": meta, "run_dir": run_dir}
 
 
-def collect(jobs: list[Job], entry_dir: str, row_fn) -> list[dict]:
-    """One row per finished job: the job's key, then `row_fn(run)`, then the command and commit it ran at."""
-    rows = []
-    for job in jobs:
-        run = load_run(os.path.join(entry_dir, job.name))
-        if run is None:
-            continue
-        row = dict(job.key)
-        row.update(row_fn(run))
-        row.update(wall_clock_s=run["job"].get("wall_clock_s"), peak_rss_mb=run["job"].get("peak_rss_mb"),
-                   command=run["job"].get("command"), commit=run["job"].get("commit"))  # fmt: skip
-        rows.append(row)
-    return rows
-
-
 def results_path(results_dir: str, entry: str, budget: str, kind: str = "") -> str:
     """results/<entry>.csv for the small budget (the README's numbers), <entry>_<budget>.csv for the others."""
     return os.path.join(results_dir, f"{entry}{'' if budget == 'small' else '_' + budget}{kind}.csv")
 
 
+CURVE_METRICS = ("eval/return_mean", "eval/success_rate")
+
+
 def save_results(jobs: list[Job], entry_dir: str, row_fn, path: str, curves: bool = False) -> list[dict]:
-    """`collect` the finished jobs into `path` (and their evaluations into <path>_curves.csv) -> the rows."""
-    rows = collect(jobs, entry_dir, row_fn)
+    """One row per finished job (its key, `row_fn(run)`, then the cost, command and commit it ran at) into `path`,
+    and with `curves` every evaluation (long format, x-axis `step`) into <path>_curves.csv -> the rows."""
+    rows, curve = [], []
+    for job in jobs:
+        run = load_run(os.path.join(entry_dir, job.name))
+        if run is None:
+            continue
+        meta = run["job"]
+        rows.append({**job.key, **row_fn(run), "wall_clock_s": meta.get("wall_clock_s"),
+                     "peak_rss_mb": meta.get("peak_rss_mb"), "command": meta.get("command"),
+                     "commit": meta.get("commit")})  # fmt: skip
+        curve += [{**job.key, "step": ev.get("global_step", ev.get("step")), **{m: ev.get(m) for m in CURVE_METRICS}}
+                  for ev in run["evals"]]  # fmt: skip
     if rows:
         write_csv(rows, path)
         if curves:
-            write_csv(curve_rows(jobs, entry_dir), path[: -len(".csv")] + "_curves.csv")
-    return rows
-
-
-def curve_rows(jobs: list[Job], entry_dir: str, metrics: tuple = ("eval/return_mean", "eval/success_rate")) -> list:
-    """Long-format evaluation curves: one row per (job, evaluation) with the x-axis in `step`."""
-    rows = []
-    for job in jobs:
-        run = load_run(os.path.join(entry_dir, job.name))
-        for ev in run["evals"] if run else []:
-            step = ev.get("global_step", ev.get("step"))
-            rows.append({**job.key, "step": step, **{m: ev.get(m) for m in metrics}})
+            write_csv(curve, path[: -len(".csv")] + "_curves.csv")
     return rows
 
 
@@ -328,8 +312,3 @@ def markdown_table(rows: list[dict], columns: list[str], headers: Optional[list[
     for row in rows:
         lines.append("| " + " | ".join("–" if row.get(c) is None else str(row.get(c)) for c in columns) + " |")
     return "\n".join(lines)
-
-
-def pick(budget: str, **sizes):
-    """sizes[budget]: a budget's value, e.g. pick(args.budget, smoke=40, small=1000, paper=50_000)."""
-    return sizes[budget]

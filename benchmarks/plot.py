@@ -12,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, aggregate, mean_se, read_csv, show_path  # noqa: E402
+from common import RESULTS, aggregate, mean_se, read_csv, results_path, show_path  # noqa: E402
 
 
 def mean_curves(rows: list[dict], group: list[str], x: str, y: str) -> dict:
@@ -101,9 +101,10 @@ def main(argv=None) -> int:
     parser.add_argument("--suffix", default="", help="'' (small budget), _paper or _smoke")
     args = parser.parse_args(argv)
     d, sfx, made = args.results_dir, args.suffix, []
+    budget = sfx.lstrip("_") or "small"
 
     def csv_path(name: str, kind: str = "") -> str:
-        return os.path.join(d, f"{name}{sfx}{kind}.csv")
+        return results_path(d, name, budget, kind)
 
     def have(name: str, kind: str = "") -> bool:
         return os.path.exists(csv_path(name, kind))

@@ -24,7 +24,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Job, aggregate, common_parser, fmt, markdown_table, results_path, run_dir_of, run_jobs,  # noqa: E402
+from common import (ROOT, Job, aggregate, common_parser, fmt, markdown_table, results_path, run_dir_of, run_jobs,  # noqa: E402
                     save_results)  # fmt: skip
 from table1_offline import dataset_path, ensure_datasets  # noqa: E402
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ks", nargs="+", type=int, default=None)
     parser.add_argument("--eval-models", nargs="+", default=None, help="`embedded` = the training prior's model")
     parser.add_argument("--steps", type=int, default=None, help="override the budget's gradient steps")
-    parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(os.path.dirname(__file__)), "data"))
+    parser.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     args = parser.parse_args(argv)
     b = BUDGET[args.budget]
     spec, seeds = args.dataset or b["dataset"], args.seeds or b["seeds"]
