@@ -585,8 +585,8 @@ if __name__ == "__main__":
     checkpoint()
     if args.save_model:
         torch.save(policy.trainable_state_dict(), os.path.join(run_dir, "policy.pt"))
-    summary = {"run_name": run_name, "step": step, "transitions": len(samples), **final, "best_eval_return": best_eval,
-               "final_bc_loss": total_loss if step > start_step else None,
+    summary = {"run_name": run_name, "device": str(device), "step": step, "transitions": len(samples), **final,
+               "best_eval_return": best_eval, "final_bc_loss": total_loss if step > start_step else None,
                "final_data_action_prob": data_prob if step > start_step else None,
                "wall_clock_s": time.time() - start_time}  # fmt: skip
     with open(os.path.join(run_dir, "summary.json"), "w") as f:

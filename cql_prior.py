@@ -1647,9 +1647,9 @@ if __name__ == "__main__":
     checkpoint()
     if args.save_model:
         torch.save(q_network.state_dict(), os.path.join(run_dir, "q_network.pt"))
-    summary = {"run_name": run_name, "dataset": args.dataset, "transitions": len(records), "episodes": episodes,
-               "global_step": global_step, **final, "best_eval_return": best_eval, "best_eval_step": best_step,
-               "wall_clock_s": time.time() - start_time, "data_action_coverage": coverage,
+    summary = {"run_name": run_name, "device": str(device), "dataset": args.dataset, "transitions": len(records),
+               "episodes": episodes, "global_step": global_step, **final, "best_eval_return": best_eval,
+               "best_eval_step": best_step, "wall_clock_s": time.time() - start_time, "data_action_coverage": coverage,
                "dataset_prior_queries": dataset_queries, "prior_queries": prior.queries if prior else 0,
                "prior_cache_hit_rate": prior.cache_hit_rate if prior else None}  # fmt: skip
     with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -1463,8 +1463,8 @@ if __name__ == "__main__":
         header = {"env": args.env, "prior": prior.identity if prior else None, "k": args.k if prior else 0,
                   "source": f"dqn_prior.py seed {args.seed}"}  # fmt: skip
         write_dataset(args.save_dataset, header, dataset_records)
-    summary = {"run_name": run_name, "global_step": global_step, "episodes": episode, **final,
-               "best_eval_return": best_eval, "wall_clock_s": time.time() - start_time,
+    summary = {"run_name": run_name, "device": str(device), "global_step": global_step, "episodes": episode,
+               **final, "best_eval_return": best_eval, "wall_clock_s": time.time() - start_time,
                "prior_queries": prior.queries if prior else 0,
                "prior_cache_hit_rate": prior.cache_hit_rate if prior else None,
                "prior_coverage": covered / coverage_states if coverage_states else None}  # fmt: skip

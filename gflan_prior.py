@@ -1649,7 +1649,7 @@ if __name__ == "__main__":
     save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), snapshot())
     if args.save_model:
         torch.save(policy.trainable_state_dict(), os.path.join(run_dir, "policy.pt"))
-    summary = {"run_name": run_name, "global_step": global_step, "iterations": iteration,
+    summary = {"run_name": run_name, "device": str(device), "global_step": global_step, "iterations": iteration,
                "episodes": next_episode - args.num_envs, **final, "best_eval_return": best_eval,
                "wall_clock_s": time.time() - start_time, "prior_queries": prior.queries if prior else 0,
                "prior_cache_hit_rate": prior.cache_hit_rate if prior else None,

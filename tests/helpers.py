@@ -59,15 +59,17 @@ def tiny_tokenizer(corpus, vocab_size=500):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
 
 
-TINY_KINDS = ("llama", "gemma3-sliding", "t5")
+TINY_KINDS = ("llama", "gemma3-sliding", "t5", "bert")
 
 
 def make_tiny_model(kind, folder, corpus, vocab_size=500, max_position_embeddings=2048) -> str:
     """A random LM + BPE tokenizer saved as a local HF folder (the same load path as a real model); seeded, so the
     same arguments give the same weights. kind: "llama", "gemma3-sliding" (sliding-window layers with a window
-    shorter than the prompts: padding and the KV cache must stay exact) or "t5" (seq2seq)."""
+    shorter than the prompts: padding and the KV cache must stay exact), "t5" (seq2seq) or "bert" (an encoder, for
+    `--encoder` where the embedded MiniLM is not installed)."""
     import torch
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, T5Config, T5ForConditionalGeneration
+    from transformers import (AutoModelForCausalLM, BertConfig, BertModel, Gemma3TextConfig, LlamaConfig, T5Config,
+                              T5ForConditionalGeneration)  # fmt: skip
 
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; one of {TINY_KINDS}")
@@ -86,6 +88,10 @@ def make_tiny_model(kind, folder, corpus, vocab_size=500, max_position_embedding
                                   layer_types=["sliding_attention", "full_attention"], bos_token_id=tok.bos_token_id,
                                   **ids)  # fmt: skip
         model = AutoModelForCausalLM.from_config(config)
+    elif kind == "bert":
+        config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=max_position_embeddings, **ids)  # fmt: skip
+        model = BertModel(config)
     else:
         config = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
                           decoder_start_token_id=tok.pad_token_id, **ids)  # fmt: skip
