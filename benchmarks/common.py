@@ -217,7 +217,10 @@ CURVE_METRICS = ("eval/return_mean", "eval/success_rate")
 
 def save_results(jobs: list[Job], entry_dir: str, row_fn, path: str, curves: bool = False) -> list[dict]:
     """One row per finished job (its key, `row_fn(run)`, then the cost, command and commit it ran at) into `path`,
-    and with `curves` every evaluation (long format, x-axis `step`) into <path>_curves.csv -> the rows."""
+    and with `curves` every evaluation (long format, x-axis `step`) into <path>_curves.csv -> all rows of `path`.
+
+    Rows already in the files for other runs (another --envs or --seeds selection, run earlier) are kept; a run
+    collected again replaces its old row and curve."""
     rows, curve = [], []
     for job in jobs:
         run = load_run(os.path.join(entry_dir, job.name))
@@ -229,11 +232,26 @@ def save_results(jobs: list[Job], entry_dir: str, row_fn, path: str, curves: boo
                      "commit": meta.get("commit")})  # fmt: skip
         curve += [{**job.key, "step": ev.get("global_step", ev.get("step")), **{m: ev.get(m) for m in CURVE_METRICS}}
                   for ev in run["evals"]]  # fmt: skip
-    if rows:
-        write_csv(rows, path)
-        if curves:
-            write_csv(curve, path[: -len(".csv")] + "_curves.csv")
+    if not rows:
+        return read_csv(path) if os.path.exists(path) else []
+    keys = list(dict.fromkeys(k for job in jobs for k in job.key))
+    collected = {_key(r, keys) for r in rows}
+    rows = merge_rows(path, rows, keys, collected)
+    write_csv(rows, path)
+    if curves:
+        curves_path = path[: -len(".csv")] + "_curves.csv"
+        write_csv(merge_rows(curves_path, curve, keys, collected), curves_path)
     return rows
+
+
+def _key(row: dict, keys: list[str]) -> tuple:
+    return tuple(str(row.get(k)) for k in keys)  # as text: a key read back from a CSV is parsed (1 -> int, "" -> None)
+
+
+def merge_rows(path: str, rows: list[dict], keys: list[str], replaced: set) -> list[dict]:
+    """The rows of `path` whose key (the values of `keys`) is not in `replaced`, followed by `rows`."""
+    old = read_csv(path) if os.path.exists(path) else []
+    return [r for r in old if _key(r, keys) not in replaced] + rows
 
 
 def first_step_reaching(evals: list[dict], metric: str, threshold: float) -> Optional[int]:

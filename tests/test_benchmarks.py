@@ -57,6 +57,37 @@ def test_csv_round_trip_and_markdown_layout(tmp_path):
     assert table.splitlines() == ["| Env | Return | Hit |", "|---|---|---|", "| a | 0.5 | – |", "| b | -1 | – |"]
 
 
+def finish_fake_run(entry_dir, job, ret):
+    """A job folder as a finished script run leaves it: <job>/<run>/summary.json and eval.jsonl."""
+    run_dir = os.path.join(entry_dir, job.name, "run")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({"ret": ret}, f)
+    with open(os.path.join(run_dir, "eval.jsonl"), "w") as f:
+        f.write(json.dumps({"global_step": 10, "eval/return_mean": ret}) + "\n")
+
+
+def test_collecting_a_selection_keeps_the_rows_of_the_other_runs(tmp_path):
+    """`--envs b` after a full run replaces b's rows and curves and keeps a's (it used to drop them)."""
+    jobs = {(env, seed): common.Job({"env": env, "seed": seed}, "dqn_prior.py") for env in "ab" for seed in (1, 2)}
+    for (env, seed), job in jobs.items():
+        finish_fake_run(str(tmp_path / "runs"), job, seed)
+    path, row_fn = str(tmp_path / "r.csv"), lambda run: {"ret": run["summary"]["ret"]}
+    common.save_results(list(jobs.values()), str(tmp_path / "runs"), row_fn, path, curves=True)
+    selection = [jobs["b", 1], jobs["b", 2]]
+    for job in selection:
+        finish_fake_run(str(tmp_path / "runs"), job, 10 * job.key["seed"])
+    rows = common.save_results(selection, str(tmp_path / "runs"), row_fn, path, curves=True)
+    expected = [("a", 1, 1), ("a", 2, 2), ("b", 1, 10), ("b", 2, 20)]
+    assert [(r["env"], r["seed"], r["ret"]) for r in rows] == expected
+    assert [(r["env"], r["seed"], r["ret"]) for r in common.read_csv(path)] == expected
+    curves = common.read_csv(str(tmp_path / "r_curves.csv"))
+    curve_rows = [(r["env"], r["seed"], r["step"], r["eval/return_mean"]) for r in curves]
+    assert curve_rows == [(env, seed, 10, ret) for env, seed, ret in expected]
+    # a selection with no finished run changes nothing
+    assert common.save_results([common.Job({"env": "c", "seed": 1}, "x.py")], str(tmp_path / "runs"), row_fn, path) == rows
+
+
 def test_mean_curves_use_steps_every_seed_reached():
     rows = [{"algo": "x", "seed": 1, "step": s, "r": float(s)} for s in (100, 200, 300)]
     rows += [{"algo": "x", "seed": 2, "step": s, "r": float(s) + 2} for s in (100, 200)]  # seed 2 stopped earlier
