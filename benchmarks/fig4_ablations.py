@@ -1,20 +1,24 @@
-"""Fig. 4b-d (ablations): k proposals and KL coefficient α of GFlan-Prior, softmax temperature α of DQN-Prior.
+"""Fig. 4b-d (ablations): k proposals and KL coefficient α of GFlan-Prior, softmax temperature α of DQN-Prior,
+and two that the paper does not show: DQN-Prior's k and its update-to-data ratio.
 
-    4b  gflan_prior.py --k {1, 3, 5, 10}                      (k proposals that approximate the KL to the prior)
-    4c  gflan_prior.py --kl-coef {0, 0.001, 0.01, 0.1, 1}     (0 is GFlan)
-    4d  dqn_prior.py --alpha {0, 0.03, 0.1, 0.3, 1}           (softmax(Q/α) over the proposals; 0 is greedy)
+    4b              gflan_prior.py --k {1, 3, 5, 10}                   (k proposals approximate the KL to the prior)
+    4c              gflan_prior.py --kl-coef {0, 0.001, 0.01, 0.1, 1}  (0 is GFlan)
+    4d              dqn_prior.py --alpha {0, 0.03, 0.1, 0.3, 1}        (softmax(Q/α) over the proposals; 0 is greedy)
+    dqn_k           dqn_prior.py --k {1, 3, 5, 10}                     (the action set C^k(s) of DQN-Prior)
+    gradient_steps  dqn_prior.py --gradient-steps {5, 20, 50}          (every --train-frequency 10 env steps: 0.5, 2
+                                                                        and 5 updates per env step)
 
 Writes results/fig4_ablations.csv (one row per run) and results/fig4_ablations_curves.csv; prints final return
 and success, mean ± standard error over seeds, per ablation value. `python benchmarks/plot.py` draws the curves.
 
-    python benchmarks/fig4_ablations.py                       # --budget small: 4d on Tomato, 4b/4c on FrozenLake
+    python benchmarks/fig4_ablations.py                       # --budget small: see Budgets
     python benchmarks/fig4_ablations.py --ablations alpha --env overcooked-salad --seeds 1 2 3 4 5
     python benchmarks/fig4_ablations.py --budget paper -- --prior.model Qwen/Qwen1.5-7B --prior.backend vllm
 
 Budgets:
     smoke  each ablation at two values, overcooked-tomato, seed 1, 24 env steps
-    small  4d on overcooked-tomato (1000 steps, seeds 1 2 3); 4b and 4c on frozenlake (1024 steps, seed 1;
-           a PPO update of the LM policy takes 20-45 s on this CPU)
+    small  4d, dqn_k and gradient_steps on overcooked-tomato (1000 steps, seeds 1 2 3); 4b and 4c on frozenlake
+           (1024 steps, seed 1; a PPO update of the LM policy takes 20-45 s on this CPU)
     paper  all values, overcooked-tomato, seeds 1 2 3; 6000 steps (DQN-Prior), 20000 (GFlan-Prior)
 """
 
@@ -30,15 +34,19 @@ ABLATIONS = {  # name -> (script, flag, values, fixed arguments)
     "k": ("gflan_prior.py", "--k", [1, 3, 5, 10], []),
     "kl": ("gflan_prior.py", "--kl-coef", [0, 0.001, 0.01, 0.1, 1], ["--k", "5"]),
     "alpha": ("dqn_prior.py", "--alpha", [0, 0.03, 0.1, 0.3, 1], ["--k", "5"]),
+    "dqn_k": ("dqn_prior.py", "--k", [1, 3, 5, 10], []),
+    "gradient_steps": ("dqn_prior.py", "--gradient-steps", [5, 20, 50], ["--k", "5"]),
 }
 SMOKE_ARGS = {"gflan_prior.py": ["--num-envs", "2", "--num-steps", "12", "--num-minibatches", "2", "--update-epochs",
                                  "1"], "dqn_prior.py": ["--learning-starts", "8"]}  # fmt: skip
 BUDGET = {  # ablation -> (env, values, seeds, env steps, eval every, eval episodes)
     "smoke": {a: ("overcooked-tomato", v[2][:2], [1], 24, 24, 1) for a, v in ABLATIONS.items()},
-    "small": {"alpha": ("overcooked-tomato", ABLATIONS["alpha"][2], [1, 2, 3], 1000, 100, 1),
+    "small": {**{a: ("overcooked-tomato", ABLATIONS[a][2], [1, 2, 3], 1000, 100, 1)
+                 for a in ("alpha", "dqn_k", "gradient_steps")},
               "k": ("frozenlake", [1, 5], [1], 1024, 256, 3),
               "kl": ("frozenlake", [0, 0.01, 1], [1], 1024, 256, 3)},
-    "paper": {"alpha": ("overcooked-tomato", ABLATIONS["alpha"][2], [1, 2, 3], 6000, 500, 10),
+    "paper": {**{a: ("overcooked-tomato", ABLATIONS[a][2], [1, 2, 3], 6000, 500, 10)
+                 for a in ("alpha", "dqn_k", "gradient_steps")},
               "k": ("overcooked-tomato", ABLATIONS["k"][2], [1, 2, 3], 20000, 1024, 10),
               "kl": ("overcooked-tomato", ABLATIONS["kl"][2], [1, 2, 3], 20000, 1024, 10)},
 }  # fmt: skip

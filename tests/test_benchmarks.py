@@ -204,7 +204,9 @@ def test_smoke_table12_and_fig4(smoke):
     assert fig4_ablations.main(["--budget", "smoke", *smoke["dirs"], *smoke["models"]]) == 0
     rows = read_rows(smoke, "fig4_ablations_smoke")
     assert [(r["ablation"], r["value"]) for r in rows] == [("k", "1"), ("k", "3"), ("kl", "0"), ("kl", "0.001"),
-                                                           ("alpha", "0"), ("alpha", "0.03")]  # fmt: skip
+                                                           ("alpha", "0"), ("alpha", "0.03"), ("dqn_k", "1"),
+                                                           ("dqn_k", "3"), ("gradient_steps", "5"),
+                                                           ("gradient_steps", "20")]  # fmt: skip
 
 
 def test_smoke_prior_quality(smoke, monkeypatch):
