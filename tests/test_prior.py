@@ -4,6 +4,7 @@ import http.server
 import json
 import multiprocessing
 import socket
+import sys
 import time
 
 import numpy as np
@@ -435,6 +436,94 @@ def test_vllm_missing_says_how_to_install():
         pass
     with pytest.raises(ImportError, match="pip install vllm"):
         dqn_prior.VLLMBackend(PriorArgs(backend="vllm"), 0)
+
+
+class StandInVLLM:
+    """A stand-in for the `vllm` package with the shapes of its offline API (`LLM.generate` -> RequestOutputs with
+    `.outputs[i].text` and `.prompt_logprobs`: None for the first prompt token, then {token id: Logprob} holding the
+    actual token and the top ones), backed by a transformers model, so the VLLMBackend glue is checked where vLLM
+    cannot be installed (no GPU). It records every call's sampling parameters."""
+
+    def __init__(self):
+        import types
+
+        self.calls = []
+        stand_in = self
+
+        class SamplingParams:
+            def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=16, seed=None,
+                         prompt_logprobs=None, structured_outputs=None):  # fmt: skip
+                self.__dict__.update(locals())
+                del self.__dict__["self"]
+
+        class LLM:
+            def __init__(self, model, tokenizer, seed, dtype, enable_prefix_caching):
+                from transformers import AutoTokenizer
+
+                self.tok = AutoTokenizer.from_pretrained(tokenizer)
+                self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+            def get_tokenizer(self):
+                return self.tok
+
+            def generate(self, inputs, params, use_tqdm=True):
+                stand_in.calls.append(params)
+                rng = np.random.default_rng(params.seed)
+                outs = []
+                for prompt in inputs:
+                    ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else self.tok(prompt).input_ids
+                    prompt_logprobs = None
+                    if params.prompt_logprobs is not None:
+                        with torch.no_grad():
+                            logp = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].double(), -1)
+                        top = logp.argmax(-1).tolist()
+                        prompt_logprobs = [None] + [
+                            {t: types.SimpleNamespace(logprob=logp[j - 1, t].item()) for t in (ids[j], top[j - 1])}
+                            for j in range(1, len(ids))
+                        ]  # fmt: skip
+                    choices = params.structured_outputs.choice if params.structured_outputs else None
+                    pool = choices or [" pick up the tomato", " no idea", " take the bowl now"]
+                    texts = [pool[i] for i in rng.integers(len(pool), size=params.n)]
+                    outs.append(types.SimpleNamespace(prompt_logprobs=prompt_logprobs,
+                                                      outputs=[types.SimpleNamespace(text=t) for t in texts]))
+                return outs
+
+        self.module = types.ModuleType("vllm")
+        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
+        self.sampling_params = types.ModuleType("vllm.sampling_params")
+        self.sampling_params.StructuredOutputsParams = lambda choice: types.SimpleNamespace(choice=choice)
+
+
+@pytest.fixture
+def stand_in_vllm(monkeypatch):
+    fake = StandInVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", fake.sampling_params)
+    return fake
+
+
+def test_vllm_backend_glue_against_a_stand_in_engine(tiny_lm_dir, stand_in_vllm):
+    """dist: the scores read from prompt_logprobs equal the transformers backend's; constrained: the admissible
+    strings go to structured outputs (with the space that follows "Action:") and come back as actions; map: free
+    outputs are projected; each query's seed reaches the engine."""
+    reference = make_prior(tiny_lm_dir, mode="dist")
+    dist = make_prior(tiny_lm_dir, mode="dist", backend="vllm")
+    assert dist.backend.numerics == "vllm:auto"
+    for actions in (TOMATO_ACTIONS, CABINETS + TOMATO_ACTIONS):
+        np.testing.assert_allclose(dist.backend.score(PROMPT, actions), reference.backend.score(PROMPT, actions),
+                                   atol=1e-5, rtol=0)  # fmt: skip
+        np.testing.assert_allclose(dist.action_probs(PROMPT, actions), reference.action_probs(PROMPT, actions),
+                                   atol=1e-6)  # fmt: skip
+    constrained = make_prior(tiny_lm_dir, mode="constrained", backend="vllm")
+    proposals = constrained.propose(PROMPT, TOMATO_ACTIONS, 5)
+    params = stand_in_vllm.calls[-1]
+    assert params.structured_outputs.choice == [" " + a for a in TOMATO_ACTIONS] and params.n == 5
+    assert params.seed == constrained.query_seed(PROMPT, TOMATO_ACTIONS)
+    assert len(proposals) == 5 and all(p in TOMATO_ACTIONS for p in proposals)
+    free = make_prior(tiny_lm_dir, mode="map", backend="vllm", unmatched="last")
+    proposals = free.propose(PROMPT, TOMATO_ACTIONS, 8)
+    assert len(proposals) == 8 and set(proposals) <= {"pick up the tomato", "take the bowl", "chop nothing"}
+    assert free.unmatched_outputs == proposals.count("chop nothing") > 0  # "no idea" -> the last action
 
 
 # ---- the real embedded model ----------------------------------------------------------------------------------------
