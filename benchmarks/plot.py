@@ -122,7 +122,8 @@ def main(argv=None) -> int:
         for r in rows:
             r["panel"] = f"{r['ablation']} ({r['env']})"
         plot_curves(out("fig4_ablations"), rows, "panel", ["value"], "step", "eval/return_mean", "env steps",
-                    "Fig. 4b-d on this machine: k, KL coefficient (GFlan-Prior), softmax temperature (DQN-Prior)")
+                    "Fig. 4b-d on this machine: k, KL coefficient (GFlan-Prior); softmax temperature, k, gradient "
+                    "steps (DQN-Prior)")
     if have("table1_offline"):
         from table1_offline import paper_row
 

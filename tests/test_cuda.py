@@ -130,8 +130,8 @@ def test_gflan_prior_trains_on_cuda(llama_dir, tmp_path, variant):
                                     "--eval-freq", "32", "--total-timesteps", "32", "--runs-dir", str(tmp_path),
                                     *variant))  # fmt: skip
     assert summary["device"] == DEVICE and summary["global_step"] == 32 and summary["prior_queries"] > 0
-    losses = [json.loads(l) for l in open(glob.glob(str(tmp_path / "*" / "eval.jsonl"))[0])]
-    assert losses and all(np.isfinite(e["eval/return_mean"]) for e in losses)
+    evals = [json.loads(l) for l in open(glob.glob(str(tmp_path / "*" / "eval.jsonl"))[0])]
+    assert evals and all(np.isfinite(e["eval/return_mean"]) for e in evals)
 
 
 def test_bc_trains_on_cuda(llama_dir, tmp_path):

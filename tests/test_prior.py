@@ -450,11 +450,9 @@ class StandInVLLM:
         self.calls = []
         stand_in = self
 
-        class SamplingParams:
-            def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=16, seed=None,
-                         prompt_logprobs=None, structured_outputs=None):  # fmt: skip
-                self.__dict__.update(locals())
-                del self.__dict__["self"]
+        def SamplingParams(n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=16, seed=None, prompt_logprobs=None,
+                           structured_outputs=None):  # fmt: skip
+            return types.SimpleNamespace(**locals())  # an unknown keyword fails, as in vLLM
 
         class LLM:
             def __init__(self, model, tokenizer, seed, dtype, enable_prefix_caching):
