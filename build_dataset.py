@@ -26,7 +26,7 @@ distinct states (about 2.2 s per query).
 
 Usage:
     python build_dataset.py --env overcooked-salad --transitions 1000 --out data/salad_1000.jsonl --prior.history 0
-    python build_dataset.py --env alfworld-pick --transitions 6500 --out data/pick.jsonl
+    python build_dataset.py --env alfworld-pick --transitions 6500 --out data/pick.jsonl --workers 2
     python build_dataset.py --env overcooked-salad --transitions 24000 --k 0 --out data/salad_24000_noprior.jsonl
 """
 
@@ -35,7 +35,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -88,6 +90,9 @@ class Args:
     """ALFWorld only: the game split to collect on (None = the env's default, train)"""
     torch_threads: Optional[int] = None
     """torch CPU threads for the prior (None = torch's default); 1 is faster when other processes share the cores"""
+    workers: int = 1
+    """processes filling the proposals, each with its own copy of the prior and a share of the episodes; the file is
+    the same for any number (proposals depend only on the seed, prompt and admissible actions)"""
 
 
 def rollout(env, kind: str, rng: np.random.Generator, epsilon: float, reset_seed: int,
@@ -121,6 +126,33 @@ def rollout(env, kind: str, rng: np.random.Generator, epsilon: float, reset_seed
     return records, bool(info.get("success", False)), misses
 
 
+def fill_shard(prior_args: PriorArgs, seed: int, env_id: str, k: int, history_len: int, torch_threads: int,
+               shard: int, episodes: list[list[dict]]) -> tuple[list[tuple[list, list]], int]:
+    """A worker of --workers: the proposals at s and s' of its episodes -> ((C(s), C(s')) per episode, LLM queries)."""
+    torch.set_num_threads(torch_threads)
+    prior = LLMPrior(prior_args, seed=seed)
+    agent = Agent(env_id, k, prior, None, None, history_len, None)
+    out, done, start = [], 0, time.time()
+    for i, records in enumerate(episodes):
+        out.append(candidate_sets(records, agent, use_stored=False))
+        done += len(records)
+        if (i + 1) % 20 == 0 or i + 1 == len(episodes):
+            print(f"proposals (worker {shard}): {done}/{sum(map(len, episodes))} transitions, {prior.queries} LLM "
+                  f"queries, cache hit {prior.cache_hit_rate:.2f}, {time.time() - start:.0f} s", flush=True)  # fmt: skip
+    return out, prior.queries
+
+
+def shard_episodes(episodes: list[list[dict]], workers: int) -> list[list[int]]:
+    """Episode indices per worker, balanced by transitions (largest episode first to the lightest worker)."""
+    shards: list[list[int]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for i in sorted(range(len(episodes)), key=lambda i: -len(episodes[i])):
+        w = load.index(min(load))
+        shards[w].append(i)
+        load[w] += len(episodes[i])
+    return [sorted(s) for s in shards]
+
+
 def keep_episode(success: bool, kept: int, kept_successes: int, share: Optional[float]) -> bool:
     """Success-share balancing: keep an episode unless it pushes the share of successful (or of failed) episodes
     past the target, counted with the episode added."""
@@ -142,6 +174,8 @@ def mix_weights(mix: MixArgs, k: int) -> np.ndarray:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.workers < 1:
+        raise SystemExit(f"--workers must be at least 1, got {args.workers}")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     out = args.out or os.path.join("data", f"{args.env}_{args.transitions}_k{args.k}_seed{args.seed}.jsonl")
@@ -193,9 +227,27 @@ if __name__ == "__main__":
           f"{attempts - len(episodes)} rejected) in {time.time() - start:.0f} s: "
           + ", ".join(f"{k} {v['kept']}" for k, v in stats.items()), flush=True)  # fmt: skip
 
-    # The k proposals at s and s', episode by episode (cache first, then the LLM), with progress.
+    # The k proposals at s and s', episode by episode (cache first, then the LLM), with progress; with --workers the
+    # episodes are shared out to processes with their own prior (the parent's stays idle meanwhile).
     fill_start = time.time()
-    if prior is not None:
+    prior_queries = prior.queries if prior is not None else 0
+    if prior is not None and args.workers > 1:
+        threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.workers)
+        shards = [s for s in shard_episodes(episodes, args.workers) if s]
+        print(f"proposals: {len(shards)} workers, {threads} torch thread(s) each", flush=True)
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
+        with ProcessPoolExecutor(len(shards), mp_context=context) as pool:
+            futures = [pool.submit(fill_shard, args.prior, args.seed, args.env, args.k, history_len, threads, w,
+                                   [episodes[i] for i in shard]) for w, shard in enumerate(shards)]  # fmt: skip
+            for shard, future in zip(shards, futures):
+                sets, queries = future.result()
+                prior_queries += queries
+                for i, (cands, next_cands) in zip(shard, sets):
+                    for r, c, nc in zip(episodes[i], cands, next_cands):
+                        r["proposals"], r["next_proposals"] = c, nc
+        print(f"proposals: {transitions}/{transitions} transitions, {prior_queries} LLM queries, "
+              f"{time.time() - fill_start:.0f} s", flush=True)  # fmt: skip
+    elif prior is not None:
         done_transitions = 0
         for i, records in enumerate(episodes):
             cands, next_cands = candidate_sets(records, agent, use_stored=False)
@@ -205,6 +257,7 @@ if __name__ == "__main__":
             if (i + 1) % 20 == 0 or i + 1 == len(episodes):
                 print(f"proposals: {done_transitions}/{transitions} transitions, {prior.queries} LLM queries, cache "
                       f"hit {prior.cache_hit_rate:.2f}, {time.time() - fill_start:.0f} s", flush=True)  # fmt: skip
+        prior_queries = prior.queries
 
     records = [r for episode in episodes for r in episode]
     with_expert = [r for r in records if r["_expert"] is not None]
@@ -221,7 +274,7 @@ if __name__ == "__main__":
         "data_action_in_proposals": float(np.mean([r["action"] in r["proposals"] for r in records])) if prior else None,
         "expert_action_in_proposals": (float(np.mean([r["_expert"] in r["proposals"] for r in with_expert]))
                                        if prior and with_expert else None),
-        "prior_queries": prior.queries if prior else 0,
+        "prior_queries": prior_queries,
     }  # fmt: skip
     write_dataset(out, header, records)
     load_dataset(out)  # the file reads back

@@ -7,7 +7,7 @@ commit), results/table1_offline_curves.csv, and prints the table next to the pap
 dataset on which each method reaches return >= 1.0 (the paper: CQL-Prior at ~1000 transitions, CQL at 12000+).
 
     python benchmarks/table1_offline.py                                   # --budget small (CPU)
-    python benchmarks/table1_offline.py --datasets alfworld-pick:6500 --methods CQL-Prior CQL
+    python benchmarks/table1_offline.py --datasets alfworld-pick:6500 --build-workers 2
     python benchmarks/table1_offline.py --budget paper -- --prior.model Qwen/Qwen1.5-7B --prior.backend vllm
 
 Budgets:
@@ -65,20 +65,21 @@ def dataset_path(data_dir: str, spec: str, extra: list[str]) -> str:
     return os.path.join(data_dir, f"{env}_{n}{tag}.jsonl")
 
 
-def build_command(spec: str, path: str, extra: list[str]) -> list[str]:
+def build_command(spec: str, path: str, extra: list[str], workers: int = 1) -> list[str]:
     env, n = spec.split(":")
     history = ["--prior.history", "0"] if "--prior.history" not in extra else []  # one query per distinct state
-    return ["build_dataset.py", "--env", env, "--transitions", n, "--out", path, *history, *prior_args(extra)]
+    return ["build_dataset.py", "--env", env, "--transitions", n, "--out", path, "--workers", str(workers), *history,
+            *prior_args(extra)]  # fmt: skip
 
 
-def ensure_datasets(specs: list[str], data_dir: str, extra: list[str], dry_run: bool) -> list[str]:
+def ensure_datasets(specs: list[str], data_dir: str, extra: list[str], dry_run: bool, workers: int = 1) -> list[str]:
     """Build the missing datasets (build_dataset.py writes atomically, so a file that exists is complete)."""
     failed = []
     for spec in specs:
         path = dataset_path(data_dir, spec, extra)
         if os.path.exists(path):
             continue
-        cmd = build_command(spec, path, extra)
+        cmd = build_command(spec, path, extra, workers)
         print(("" if dry_run else "building dataset: ") + "python " + " ".join(map(show_path, cmd)), flush=True)
         if dry_run:
             continue
@@ -144,10 +145,13 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="override the budget's")
     parser.add_argument("--steps", type=int, default=None, help="override the budget's gradient steps (not BC's)")
     parser.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
+    parser.add_argument("--build-workers", type=int, default=1,
+                        help="processes storing a new dataset's proposals (build_dataset.py --workers; one per core)")
     args = parser.parse_args(argv)
     b = BUDGET[args.budget]
     specs, seeds = args.datasets or b["datasets"], args.seeds or b["seeds"]
-    failed = [] if args.collect_only else ensure_datasets(specs, args.data_dir, args.extra, args.dry_run)
+    failed = [] if args.collect_only else ensure_datasets(specs, args.data_dir, args.extra, args.dry_run,
+                                                                args.build_workers)
     specs = [s for s in specs if s not in failed]
     jobs = jobs_for(args.budget, specs, args.methods or b["methods"], seeds, args.data_dir, args.extra, args.steps)
     entry_dir = os.path.join(args.runs_dir, ENTRY, args.budget)

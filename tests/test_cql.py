@@ -248,6 +248,25 @@ def test_smoke_prior_proposals_stored_mean_no_llm_in_training(tiny_lm_dir, tmp_p
     assert bad.returncode != 0 and "k 2 (this run: 3)" in bad.stderr
 
 
+def test_build_dataset_workers_write_the_same_file(tiny_lm_dir, tmp_path):
+    """--workers 2 shares the episodes out to two processes with their own prior: the file is the one a single process
+    writes (the in-memory cache: nothing passes between the processes but the proposals they return)."""
+    prior = ["--k", "2", "--prior.model", tiny_lm_dir, "--prior.cache", "memory", "--torch-threads", "1"]
+    common = ["--transitions", "80", "--mix.prior", "0.3", "--seed", "2", *prior]
+    one = last_json(run("build_dataset.py", *common, "--out", str(tmp_path / "one.jsonl")), "dataset ")
+    two = run("build_dataset.py", *common, "--workers", "2", "--out", str(tmp_path / "two.jsonl"))
+    assert "proposals: 2 workers" in two.stdout and "(worker 1)" in two.stdout
+    info = last_json(two, "dataset ")
+    assert info["prior_queries"] >= one["prior_queries"] > 0  # a state in both shards is queried by each worker
+    lines_one = (tmp_path / "one.jsonl").read_text().splitlines()
+    lines_two = (tmp_path / "two.jsonl").read_text().splitlines()
+    assert lines_one[1:] == lines_two[1:] and len(lines_one) > 20  # every record, proposals included
+    header_one, header_two = json.loads(lines_one[0]), json.loads(lines_two[0])
+    for h in (header_one, header_two):
+        h.pop("prior_queries")
+    assert header_one == header_two
+
+
 @pytest.mark.slow
 def test_smoke_embedded_prior(tmp_path):
     """The embedded Gemma-3-270M fills the proposals of one expert episode; training uses them without a query."""
