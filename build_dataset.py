@@ -22,7 +22,8 @@ Measured with the default mix (10% expert, 65% noisy with ε = 0.5, 25% random; 
 a CPU: with Salad's default 5-pair history nearly every transition is a new prompt (one LLM query each; a Salad
 query with history 0 took 1.3 s of the embedded Gemma-3-270M on one core, longer prompts take longer), with 0 the
 24,000 Salad transitions hold 564 distinct states (569 queries, 32 min). ALFWorld-Pick's 6510 transitions hold 2752
-distinct states (about 2.2 s per query).
+distinct states (about 2.2-2.6 s per query); with `--workers 2` on the 2-core machine they took 333 s to collect
+and 2100 s to store (1598 LLM queries, the rest in the cache from earlier ALFWorld runs).
 
 Usage:
     python build_dataset.py --env overcooked-salad --transitions 1000 --out data/salad_1000.jsonl --prior.history 0
