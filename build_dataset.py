@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -127,20 +127,32 @@ def rollout(env, kind: str, rng: np.random.Generator, epsilon: float, reset_seed
     return records, bool(info.get("success", False)), misses
 
 
-def fill_shard(prior_args: PriorArgs, seed: int, env_id: str, k: int, history_len: int, torch_threads: int,
-               shard: int, episodes: list[list[dict]]) -> tuple[list[tuple[list, list]], int]:
-    """A worker of --workers: the proposals at s and s' of its episodes -> ((C(s), C(s')) per episode, LLM queries)."""
-    torch.set_num_threads(torch_threads)
-    prior = LLMPrior(prior_args, seed=seed)
-    agent = Agent(env_id, k, prior, None, None, history_len, None)
-    out, done, start = [], 0, time.time()
+def propose_episodes(episodes: list[list[dict]], agent: Agent, label: str = "") -> list[tuple[list, list]]:
+    """(C(s), C(s')) of every transition, episode by episode (the prior's cache first, then the LLM), with progress."""
+    prior, total = agent.prior, sum(map(len, episodes))
+    sets, done, start = [], 0, time.time()
     for i, records in enumerate(episodes):
-        out.append(candidate_sets(records, agent, use_stored=False))
+        sets.append(candidate_sets(records, agent, use_stored=False))
         done += len(records)
         if (i + 1) % 20 == 0 or i + 1 == len(episodes):
-            print(f"proposals (worker {shard}): {done}/{sum(map(len, episodes))} transitions, {prior.queries} LLM "
-                  f"queries, cache hit {prior.cache_hit_rate:.2f}, {time.time() - start:.0f} s", flush=True)  # fmt: skip
-    return out, prior.queries
+            print(f"proposals{label}: {done}/{total} transitions, {prior.queries} LLM queries, cache hit "
+                  f"{prior.cache_hit_rate:.2f}, {time.time() - start:.0f} s", flush=True)  # fmt: skip
+    return sets
+
+
+def fill_shard(prior_args: PriorArgs, seed: int, env_id: str, k: int, history_len: int, torch_threads: int,
+               shard: int, episodes: list[list[dict]]) -> tuple[list[tuple[list, list]], int]:
+    """A worker of --workers: its own prior proposes for its episodes -> (propose_episodes' sets, LLM queries)."""
+    torch.set_num_threads(torch_threads)
+    prior = LLMPrior(prior_args, seed=seed)
+    sets = propose_episodes(episodes, Agent(env_id, k, prior, None, None, history_len, None), f" (worker {shard})")
+    return sets, prior.queries
+
+
+def store_proposals(episodes: list[list[dict]], sets: list[tuple[list, list]]) -> None:
+    for records, (cands, next_cands) in zip(episodes, sets):
+        for r, c, nc in zip(records, cands, next_cands):
+            r["proposals"], r["next_proposals"] = c, nc
 
 
 def shard_episodes(episodes: list[list[dict]], workers: int) -> list[list[int]]:
@@ -243,21 +255,11 @@ if __name__ == "__main__":
             for shard, future in zip(shards, futures):
                 sets, queries = future.result()
                 prior_queries += queries
-                for i, (cands, next_cands) in zip(shard, sets):
-                    for r, c, nc in zip(episodes[i], cands, next_cands):
-                        r["proposals"], r["next_proposals"] = c, nc
+                store_proposals([episodes[i] for i in shard], sets)
         print(f"proposals: {transitions}/{transitions} transitions, {prior_queries} LLM queries, "
               f"{time.time() - fill_start:.0f} s", flush=True)  # fmt: skip
     elif prior is not None:
-        done_transitions = 0
-        for i, records in enumerate(episodes):
-            cands, next_cands = candidate_sets(records, agent, use_stored=False)
-            for r, c, nc in zip(records, cands, next_cands):
-                r["proposals"], r["next_proposals"] = c, nc
-            done_transitions += len(records)
-            if (i + 1) % 20 == 0 or i + 1 == len(episodes):
-                print(f"proposals: {done_transitions}/{transitions} transitions, {prior.queries} LLM queries, cache "
-                      f"hit {prior.cache_hit_rate:.2f}, {time.time() - fill_start:.0f} s", flush=True)  # fmt: skip
+        store_proposals(episodes, propose_episodes(episodes, agent))
         prior_queries = prior.queries
 
     records = [r for episode in episodes for r in episode]
