@@ -254,42 +254,44 @@ class LMPolicy(nn.Module):
         keys = [(p, tuple(a)) for p, a in zip(prompts, actions)]
         unique = list(dict.fromkeys(keys))
         where = {k: i for i, k in enumerate(unique)}
-        inverse = torch.tensor([where[k] for k in keys], device=self.device)
+        inverse = self._host([where[k] for k in keys])
         token_logps, hidden = self._score([k[0] for k in unique], [list(k[1]) for k in unique])
         values = self.value_head(hidden.float()).squeeze(-1)
-        width = max(len(k[1]) for k in unique)
-        scores = torch.full((len(unique), width), float("-inf"), device=self.device)
-        start = 0
-        for i, (prompt, acts) in enumerate(unique):
-            s = token_logps[start : start + len(acts)]
-            if self.normalize == "token":
-                s = s / torch.tensor([len(self.token_ids(prompt, a)[1]) for a in acts], device=s.device)
-            elif self.normalize == "word":
-                s = s / torch.tensor([max(len(a.split()), 1) for a in acts], device=s.device)
-            scores[i, : len(acts)] = s
-            start += len(acts)
+        # token_logps is flat over (state, action) pairs: one scatter puts each at [state, action slot].
+        rows = [i for i, k in enumerate(unique) for _ in k[1]]
+        cols = [j for k in unique for j in range(len(k[1]))]
+        if self.normalize == "token":
+            lengths = [len(self.token_ids(k[0], a)[1]) for k in unique for a in k[1]]
+            token_logps = token_logps / self._host(lengths, torch.float32)
+        elif self.normalize == "word":
+            words = [max(len(a.split()), 1) for k in unique for a in k[1]]
+            token_logps = token_logps / self._host(words, torch.float32)
+        scores = torch.full((len(unique), max(cols) + 1), float("-inf"), device=self.device, dtype=token_logps.dtype)
+        scores = scores.index_put((self._host(rows), self._host(cols)), token_logps)
         return scores[inverse], values[inverse]
+
+    def _host(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """A tensor built on the host and copied to the policy's device in one transfer."""
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def _padded(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (ids, mask) [len(rows), longest] on the policy's device, rows padded with pad_id on the left or right."""
+        width = max(len(r) for r in rows)
+        ids = [[self.pad_id] * (width - len(r)) + r if left else r + [self.pad_id] * (width - len(r)) for r in rows]
+        mask = [[0] * (width - len(r)) + [1] * len(r) if left else [1] * len(r) + [0] * (width - len(r)) for r in rows]
+        return self._host(ids), self._host(mask)
 
     def _score(self, prompts: list[str], actions: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (summed log-probability of each (prompt, action) pair, flattened; hidden state of each prompt)."""
         dev = self.device
         pairs = [(i, self.token_ids(p, a)) for i, (p, acts) in enumerate(zip(prompts, actions)) for a in acts]
-        owner = torch.tensor([i for i, _ in pairs], device=dev)
-        action_ids = [ids[1] for _, ids in pairs]
-        width = max(len(a) for a in action_ids)
-        a_ids = torch.full((len(pairs), width), self.pad_id, dtype=torch.long, device=dev)
-        a_mask = torch.zeros((len(pairs), width), dtype=torch.long, device=dev)
-        for j, a in enumerate(action_ids):
-            a_ids[j, : len(a)] = torch.tensor(a, device=dev)
-            a_mask[j, : len(a)] = 1
+        owner = self._host([i for i, _ in pairs])
+        # Token tensors are padded on the host and copied to the device once (no per-row copies).
+        a_ids, a_mask = self._padded([ids[1] for _, ids in pairs], left=False)
         prompt_ids = [self.token_ids(p, acts[0])[0] for p, acts in zip(prompts, actions)]
-        longest = max(len(p) for p in prompt_ids)
         if self.seq2seq:
             # Right padding: the encoder is bidirectional and sees the attention mask.
-            p_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long, device=dev)
-            p_mask = torch.zeros_like(p_ids)
-            for i, p in enumerate(prompt_ids):
-                p_ids[i, : len(p)], p_mask[i, : len(p)] = torch.tensor(p, device=dev), 1
+            p_ids, p_mask = self._padded(prompt_ids, left=False)
             encoded = self.lm.get_encoder()(input_ids=p_ids, attention_mask=p_mask).last_hidden_state
             start_id = self.lm.config.decoder_start_token_id
             dec_in = torch.cat([torch.full_like(a_ids[:, :1], start_id), a_ids[:, :-1]], dim=1)
@@ -299,15 +301,12 @@ class LMPolicy(nn.Module):
             logp = torch.log_softmax(out.logits.float(), dim=-1)
             token_logps = logp.gather(-1, a_ids.unsqueeze(-1)).squeeze(-1)
             # GLAM's value input: the decoder's first hidden state, which depends on the prompt only.
-            first = torch.tensor([0] + [len(a) for a in actions[:-1]], device=dev).cumsum(0)
+            first = self._host([0] + [len(a) for a in actions[:-1]]).cumsum(0)
             hidden = out.decoder_hidden_states[-1][first, 0]
         else:
             # Left padding with explicit positions: every prompt ends at the last column, where its next-token
             # distribution and its hidden state are read (no pad is ever taken for the last real token).
-            p_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long, device=dev)
-            p_mask = torch.zeros_like(p_ids)
-            for i, p in enumerate(prompt_ids):
-                p_ids[i, longest - len(p) :], p_mask[i, longest - len(p) :] = torch.tensor(p, device=dev), 1
+            p_ids, p_mask = self._padded(prompt_ids, left=True)
             positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
             out = self.lm(input_ids=p_ids, attention_mask=p_mask, position_ids=positions, use_cache=True,
                           output_hidden_states=True, logits_to_keep=1)  # fmt: skip
@@ -316,7 +315,7 @@ class LMPolicy(nn.Module):
             cache = out.cache if hasattr(out, "cache") else out.past_key_values
             cache.batch_select_indices(owner)
             lengths = p_mask.sum(-1)
-            a_pos = lengths[owner].unsqueeze(1) + torch.arange(width, device=dev)
+            a_pos = lengths[owner].unsqueeze(1) + torch.arange(a_ids.shape[1], device=dev)
             logits = self.lm(input_ids=a_ids, attention_mask=torch.cat([p_mask[owner], a_mask], 1),
                              position_ids=a_pos, cache=cache, use_cache=True).logits  # fmt: skip
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
