@@ -14,6 +14,8 @@ Not in the authors' code (they never released BC); choices, with reasons:
 - The same defaults as gflan_prior.py's policy (embedded SmolLM2-135M-Instruct, LoRA r=8 on the top 8 blocks,
   lr 1e-4), so that BC and GFlan(-Prior) differ only in the objective.
 - Batches sample the dataset without replacement, epoch by epoch; samples of the same state share one forward pass.
+- The policy's frozen-trunk cache (--policy.trunk-cache-mb, on by default) suits BC: every epoch revisits the same
+  states, and a state seen before runs only the LoRA-adapted top blocks.
 
     python dqn_prior.py --env frozenlake --k 0 --total-timesteps 2000 --save-dataset data/frozenlake.jsonl
     python bc.py --dataset data/frozenlake.jsonl --total-steps 500
@@ -22,6 +24,7 @@ Not in the authors' code (they never released BC); choices, with reasons:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -32,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -126,6 +130,9 @@ class PolicyArgs:
     """torch device (auto = cuda if available and --cuda, else cpu)"""
     dtype: str = "auto"
     """weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16"""
+    trunk_cache_mb: int = 2048
+    """MB of hidden states kept from the frozen blocks below the lowest LoRA-adapted one (causal LMs), per prompt and
+    action: a state seen again runs only the adapted blocks (same scores; BC's epochs, PPO's update epochs). 0 = off"""
 
 
 def _dequantize_gguf(gguf: Path, target: Path) -> None:
@@ -209,9 +216,15 @@ class LMPolicy(nn.Module):
     One forward pass serves a whole batch: the distinct prompts are encoded once (left-padded), and every (prompt,
     action) pair then runs only its action tokens against the prompt's key/value cache (causal LMs) or encoder output
     (seq2seq). Duplicate states in a batch are computed once.
+
+    Frozen trunk (causal LMs whose lower blocks have no trainable weight, i.e. LoRA on the top blocks): the lower
+    blocks' output for a prompt and its actions never changes, so it is kept (up to `trunk_cache_mb`, least recently
+    used out first) and a state seen again runs only the upper blocks. The split model is two views of the same
+    modules; its scores are checked against the whole model's on first use, and a mismatch turns the cache off.
     """
 
-    def __init__(self, lm: nn.Module, tokenizer, normalize: str = "sum", value_hidden: int = 256):
+    def __init__(self, lm: nn.Module, tokenizer, normalize: str = "sum", value_hidden: int = 256,
+                 trunk_cache_mb: int = 0):  # fmt: skip
         super().__init__()
         self.lm, self.tokenizer, self.normalize = lm, tokenizer, normalize
         self.seq2seq = bool(getattr(lm.config, "is_encoder_decoder", False))
@@ -222,6 +235,11 @@ class LMPolicy(nn.Module):
             pad = lm.config.get_text_config().eos_token_id
         self.pad_id = int(pad[0] if isinstance(pad, (list, tuple)) else pad)
         self._ids: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        self.trunk_cache_bytes = trunk_cache_mb << 20
+        self._split: Optional[tuple] = None  # (lower blocks' model, upper blocks' LM): plain attributes, no submodules
+        self._split_checked = False
+        self._trunk: OrderedDict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = OrderedDict()
+        self._trunk_size = 0
 
     @property
     def device(self) -> torch.device:
@@ -283,52 +301,165 @@ class LMPolicy(nn.Module):
 
     def _score(self, prompts: list[str], actions: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (summed log-probability of each (prompt, action) pair, flattened; hidden state of each prompt)."""
-        dev = self.device
         pairs = [(i, self.token_ids(p, a)) for i, (p, acts) in enumerate(zip(prompts, actions)) for a in acts]
         owner = self._host([i for i, _ in pairs])
         # Token tensors are padded on the host and copied to the device once (no per-row copies).
         a_ids, a_mask = self._padded([ids[1] for _, ids in pairs], left=False)
         prompt_ids = [self.token_ids(p, acts[0])[0] for p, acts in zip(prompts, actions)]
-        if self.seq2seq:
-            # Right padding: the encoder is bidirectional and sees the attention mask.
-            p_ids, p_mask = self._padded(prompt_ids, left=False)
-            encoded = self.lm.get_encoder()(input_ids=p_ids, attention_mask=p_mask).last_hidden_state
-            start_id = self.lm.config.decoder_start_token_id
-            dec_in = torch.cat([torch.full_like(a_ids[:, :1], start_id), a_ids[:, :-1]], dim=1)
-            out = self.lm(encoder_outputs=(encoded[owner],), attention_mask=p_mask[owner], decoder_input_ids=dec_in,
-                          decoder_attention_mask=torch.cat([torch.ones_like(a_mask[:, :1]), a_mask[:, :-1]], 1),
-                          output_hidden_states=True, use_cache=False)  # fmt: skip
-            logp = torch.log_softmax(out.logits.float(), dim=-1)
-            token_logps = logp.gather(-1, a_ids.unsqueeze(-1)).squeeze(-1)
-            # GLAM's value input: the decoder's first hidden state, which depends on the prompt only.
-            first = self._host([0] + [len(a) for a in actions[:-1]]).cumsum(0)
-            hidden = out.decoder_hidden_states[-1][first, 0]
-        else:
-            # Left padding with explicit positions: every prompt ends at the last column, where its next-token
-            # distribution and its hidden state are read (no pad is ever taken for the last real token).
-            p_ids, p_mask = self._padded(prompt_ids, left=True)
-            positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.lm(input_ids=p_ids, attention_mask=p_mask, position_ids=positions, use_cache=True,
-                          output_hidden_states=True, logits_to_keep=1)  # fmt: skip
-            hidden = out.hidden_states[-1][:, -1]
-            first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-            cache = out.cache if hasattr(out, "cache") else out.past_key_values
-            cache.batch_select_indices(owner)
-            lengths = p_mask.sum(-1)
-            a_pos = lengths[owner].unsqueeze(1) + torch.arange(a_ids.shape[1], device=dev)
-            logits = self.lm(input_ids=a_ids, attention_mask=torch.cat([p_mask[owner], a_mask], 1),
-                             position_ids=a_pos, cache=cache, use_cache=True).logits  # fmt: skip
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            token_logps = torch.cat(
-                [first_logp[owner].gather(-1, a_ids[:, :1]), logp.gather(-1, a_ids[:, 1:].unsqueeze(-1)).squeeze(-1)],
-                dim=1,
-            )
+        if not self.seq2seq:
+            batch = (*self._padded(prompt_ids, left=True), owner, a_ids, a_mask)  # left padding: see _causal
+            trunk = self.trunk_cache_bytes > 0 and self._trunk_split() is not None
+            if trunk and self._split_agrees(prompts, actions, batch):
+                return self._causal(self._split[1], batch, self._trunk_states(prompts, actions, batch))
+            return self._causal(self.lm, batch)
+        # Right padding: the encoder is bidirectional and sees the attention mask.
+        p_ids, p_mask = self._padded(prompt_ids, left=False)
+        encoded = self.lm.get_encoder()(input_ids=p_ids, attention_mask=p_mask).last_hidden_state
+        start_id = self.lm.config.decoder_start_token_id
+        dec_in = torch.cat([torch.full_like(a_ids[:, :1], start_id), a_ids[:, :-1]], dim=1)
+        out = self.lm(encoder_outputs=(encoded[owner],), attention_mask=p_mask[owner], decoder_input_ids=dec_in,
+                      decoder_attention_mask=torch.cat([torch.ones_like(a_mask[:, :1]), a_mask[:, :-1]], 1),
+                      output_hidden_states=True, use_cache=False)  # fmt: skip
+        logp = torch.log_softmax(out.logits.float(), dim=-1)
+        token_logps = logp.gather(-1, a_ids.unsqueeze(-1)).squeeze(-1)
+        # GLAM's value input: the decoder's first hidden state, which depends on the prompt only.
+        first = self._host([0] + [len(a) for a in actions[:-1]]).cumsum(0)
+        hidden = out.decoder_hidden_states[-1][first, 0]
         return (token_logps * a_mask).sum(-1), hidden
+
+    def _causal(self, lm: nn.Module, batch: tuple, states: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal path of `_score`: the prompts (left-padded, with explicit positions: every prompt ends at the last
+        column, where its next-token distribution and hidden state are read), then each action against its prompt's
+        key/value cache. `states` = the lower blocks' output for (prompts, actions) when `lm` holds only the upper
+        blocks."""
+        p_ids, p_mask, owner, a_ids, a_mask = batch
+        p_in, a_in = ({"input_ids": p_ids}, {"input_ids": a_ids}) if states is None else (
+            {"inputs_embeds": states[0]}, {"inputs_embeds": states[1]})  # fmt: skip
+        positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
+        out = lm(**p_in, attention_mask=p_mask, position_ids=positions, use_cache=True, output_hidden_states=True,
+                 logits_to_keep=1)  # fmt: skip
+        hidden = out.hidden_states[-1][:, -1]
+        first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache.batch_select_indices(owner)
+        a_pos = p_mask.sum(-1)[owner].unsqueeze(1) + torch.arange(a_ids.shape[1], device=a_ids.device)
+        logits = lm(**a_in, attention_mask=torch.cat([p_mask[owner], a_mask], 1), position_ids=a_pos, cache=cache,
+                    use_cache=True).logits  # fmt: skip
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        token_logps = torch.cat(
+            [first_logp[owner].gather(-1, a_ids[:, :1]), logp.gather(-1, a_ids[:, 1:].unsqueeze(-1)).squeeze(-1)], dim=1
+        )
+        return (token_logps * a_mask).sum(-1), hidden
+
+    def _trunk_split(self) -> Optional[tuple]:
+        """(model of the frozen lower blocks, without the final norm; LM of the upper blocks), built once; None when
+        every block trains, the LM is seq2seq or its decoder is not a plain stack of `layers` with a final `norm`."""
+        if self._split is None:
+            decoder = getattr(self.lm, "model", None)
+            layers = getattr(decoder, "layers", None)
+            trains = [any(p.requires_grad for p in layer.parameters()) for layer in layers] if layers else [True]
+            n = trains.index(True) if True in trains else len(trains)
+            embed = getattr(decoder, "embed_tokens", None)
+            frozen = embed is not None and not any(p.requires_grad for p in embed.parameters())
+            if self.seq2seq or not n or n == len(trains) or not frozen or not hasattr(decoder, "norm"):
+                self._split = ()
+            else:
+                upper = copy.copy(self.lm)
+                upper._modules = {**self.lm._modules, "model": _blocks_view(decoder, layers[n:], keep_norm=True)}
+                self._split = (_blocks_view(decoder, layers[:n], keep_norm=False), upper)
+        return self._split or None
+
+    @torch.no_grad()
+    def _split_agrees(self, prompts: list[str], actions: list[list[str]], batch: tuple) -> bool:
+        """On first use: the split model's scores and hidden states against the whole model's on this batch. A
+        mismatch empties the trunk cache and turns it off for good."""
+        if not self._split_checked:
+            self._split_checked = True
+            whole = self._causal(self.lm, batch)
+            split = self._causal(self._split[1], batch, self._trunk_states(prompts, actions, batch))
+            tol = 1e-4 if whole[1].dtype == torch.float32 else 1e-2
+            if not all(torch.allclose(w, s, rtol=tol, atol=tol) for w, s in zip(whole, split)):
+                print("LMPolicy: splitting this LM at its frozen blocks changes its scores; trunk cache off",
+                      file=sys.stderr)  # fmt: skip
+                self.trunk_cache_bytes, self._trunk, self._trunk_size = 0, OrderedDict(), 0
+        return self.trunk_cache_bytes > 0
+
+    def _lower(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen lower blocks' output for a batch's prompts [B, L, d] and actions [pairs, W, d], as padded."""
+        p_ids, p_mask, owner, a_ids, a_mask = batch
+        positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._split[0](input_ids=p_ids, attention_mask=p_mask, position_ids=positions, use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache.batch_select_indices(owner)
+        a_pos = p_mask.sum(-1)[owner].unsqueeze(1) + torch.arange(a_ids.shape[1], device=a_ids.device)
+        a_states = self._split[0](input_ids=a_ids, attention_mask=torch.cat([p_mask[owner], a_mask], 1),
+                                  position_ids=a_pos, cache=cache, use_cache=True).last_hidden_state  # fmt: skip
+        return out.last_hidden_state, a_states
+
+    @torch.no_grad()
+    def _trunk_states(self, prompts: list[str], actions: list[list[str]], batch: tuple) -> tuple[torch.Tensor, ...]:
+        """The lower blocks' output for the batch's prompts [B, L, d] (left-padded) and actions [pairs, W, d], from the
+        cache; the states not in it are computed (one pass over their prompts) and stored."""
+        p_ids, p_mask, owner, a_ids, a_mask = batch
+        todo = [i for i, (p, acts) in enumerate(zip(prompts, actions))
+                if p not in self._trunk or any(a not in self._trunk[p][1] for a in acts)]  # fmt: skip
+        if todo:
+            rows = self._host(todo)
+            pick = torch.isin(owner, rows)
+            sub_owner = torch.searchsorted(rows, owner[pick])
+            sub = (p_ids[rows], p_mask[rows], sub_owner, a_ids[pick], a_mask[pick])
+            p_states, a_states = self._lower(sub)
+            p_len, a_len = sub[1].sum(-1).tolist(), sub[4].sum(-1).tolist()
+            j = 0
+            for k, i in enumerate(todo):
+                state = p_states[k, p_states.shape[1] - p_len[k] :].clone()
+                old = self._trunk.pop(prompts[i], None)
+                self._trunk_size -= 0 if old is None else _nbytes(old)
+                acts = {} if old is None else old[1]
+                for a in actions[i]:
+                    acts[a], j = a_states[j, : a_len[j]].clone(), j + 1
+                self._trunk[prompts[i]] = (state, acts)
+                self._trunk_size += _nbytes((state, acts))
+        for p in prompts:
+            self._trunk.move_to_end(p)
+        p_states = nn.utils.rnn.pad_sequence([self._trunk[p][0] for p in prompts], batch_first=True,
+                                             padding_side="left")  # fmt: skip
+        a_states = nn.utils.rnn.pad_sequence([self._trunk[p][1][a] for p, acts in zip(prompts, actions) for a in acts],
+                                             batch_first=True)  # fmt: skip
+        while self._trunk_size > self.trunk_cache_bytes and len(self._trunk) > len(prompts):
+            self._trunk_size -= _nbytes(self._trunk.popitem(last=False)[1])
+        return p_states, a_states
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes (LoRA weights or the whole LM, and the value head): small checkpoints."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k in names}
+
+
+def _blocks_view(decoder: nn.Module, layers, keep_norm: bool) -> nn.Module:
+    """A decoder that runs only `layers` (the same modules: no weight is copied), each attention re-indexed from 0 for
+    its own key/value cache; without `keep_norm` it returns the last block's raw output."""
+    view = copy.copy(decoder)
+    view._modules = dict(decoder._modules)
+    blocks = []
+    for i, layer in enumerate(layers):
+        block, attention = copy.copy(layer), copy.copy(layer.self_attn)
+        attention.layer_idx = i
+        block._modules = {**layer._modules, "self_attn": attention}
+        blocks.append(block)
+    view._modules["layers"] = nn.ModuleList(blocks)
+    if not keep_norm:
+        view._modules["norm"] = nn.Identity()
+    view.config = copy.copy(decoder.config)
+    view.config.num_hidden_layers = len(layers)
+    first = layers[0].self_attn.layer_idx
+    if getattr(decoder.config, "layer_types", None):
+        view.config.layer_types = decoder.config.layer_types[first : first + len(layers)]
+    return view
+
+
+def _nbytes(entry: tuple) -> int:
+    return entry[0].nbytes + sum(t.nbytes for t in entry[1].values())
 
 
 def load_policy(args: PolicyArgs, device: torch.device) -> LMPolicy:
@@ -355,7 +486,7 @@ def load_policy(args: PolicyArgs, device: torch.device) -> LMPolicy:
         lm = inject_adapter_in_model(lora, lm)
         for name, p in lm.named_parameters():
             p.requires_grad_("lora_" in name)
-    policy = LMPolicy(lm, tokenizer, args.normalize, args.value_hidden).to(device)
+    policy = LMPolicy(lm, tokenizer, args.normalize, args.value_hidden, args.trunk_cache_mb).to(device)
     policy.lm.eval()
     return policy
 

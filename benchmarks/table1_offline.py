@@ -14,7 +14,8 @@ Budgets:
     smoke  Salad(40); all five methods; seed 1; 10 gradient steps, 1 eval episode
     small  Salad(1000), Salad(4000), ALFWorld-Pick(1500); DQN, CQL, DQN-Prior, CQL-Prior; seeds 1 2 3; 5000
            gradient steps, eval every 500 (ALFWorld: 2500) with 3 episodes. No BC: its LM policy trains at 0.03
-           steps/s here (batch 32, Salad prompts, one core), an hour per run; `--methods BC` adds it (100 steps).
+           steps/s here (batch 32, Salad prompts, one core; 0.06-0.13 on two cores, the faster once the frozen-trunk
+           cache holds every state), an hour per run; `--methods BC` adds it (100 steps).
            ALFWorld-Pick is cut to 1500 transitions here; the paper's 6500 (2752 distinct states, ~2.5 s of
            Gemma-3-270M each on one core) is `--datasets alfworld-pick:6500 --build-workers 2`: about an hour of
            proposals on a cold cache with two cores, 40 minutes measured with a warm one

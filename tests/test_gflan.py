@@ -2,6 +2,7 @@
 values, a PPO update on a bandit, and subprocess runs of the script (tiny random models; the embedded ones in the
 slow test)."""
 
+import copy
 import glob
 import math
 import os
@@ -15,6 +16,7 @@ import envs
 from gflan_prior import (
     LMPolicy,
     PolicyArgs,
+    _nbytes,
     compute_gae,
     empirical_prior,
     entropy,
@@ -121,6 +123,78 @@ def test_lora_on_top_blocks_only(tiny_llama_dir):
     prompts, actions = frozenlake_states(1)
     with torch.no_grad():
         torch.testing.assert_close(policy(prompts, actions)[0], base(prompts, actions)[0])
+
+
+# ---- the frozen-trunk cache (LoRA on the top block of two) ---------------------------------------------------------
+def trunk_policy(folder: str, trunk_cache_mb: int) -> LMPolicy:
+    torch.manual_seed(0)  # the same LoRA and value head for every cache size
+    policy = load_policy(PolicyArgs(model=folder, lora_r=4, lora_layers=1, trunk_cache_mb=trunk_cache_mb), CPU)
+    with torch.no_grad():  # LoRA away from the identity, so that the upper block's adapters matter
+        g = torch.Generator().manual_seed(0)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return policy
+
+
+def scores_and_grads(policy: LMPolicy, prompts, actions) -> list[torch.Tensor]:
+    scores, values = policy(prompts, actions)
+    loss = scores.masked_fill(scores.isinf(), 0.0).square().sum() + values.sum()
+    return [scores, values, *torch.autograd.grad(loss, [p for p in policy.parameters() if p.requires_grad])]
+
+
+def test_trunk_cache_gives_the_whole_models_scores_and_gradients(tiny_dir):
+    prompts, actions = frozenlake_states(3)
+    prompts += ["Goal of the agent: go to the red ball \n Action 0:"]
+    actions += [["turn left", "go forward", "pick up"]]
+    whole, split = trunk_policy(tiny_dir, 0), trunk_policy(tiny_dir, 64)
+    lower_runs = []
+    if split._trunk_split() is not None:
+        lower = split._lower
+        split._lower = lambda batch: lower_runs.append(len(batch[0])) or lower(batch)
+    expected = scores_and_grads(whole, prompts, actions)
+    for call in range(2):  # the second call reads every state from the cache
+        got = scores_and_grads(split, prompts, actions)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    if "t5" in os.path.basename(tiny_dir):
+        assert split._trunk_split() is None and not split._trunk  # seq2seq: no trunk
+    else:
+        assert lower_runs == [4] and len(split._trunk) == 4  # the lower block ran once, over the four prompts
+        assert split.trunk_cache_bytes > 0 and whole._trunk_split() is not None and not whole._trunk
+
+
+def test_trunk_cache_needs_frozen_lower_blocks(tiny_llama_dir):
+    every_block = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=4, lora_layers=None, trunk_cache_mb=64), CPU)
+    full_finetuning = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=0, trunk_cache_mb=64), CPU)
+    assert every_block._trunk_split() is None and full_finetuning._trunk_split() is None
+
+
+def test_a_split_that_changes_the_scores_turns_the_trunk_cache_off(tiny_llama_dir, capsys):
+    prompts, actions = frozenlake_states(2)
+    whole, split = trunk_policy(tiny_llama_dir, 0), trunk_policy(tiny_llama_dir, 64)
+    lower, upper = split._trunk_split()
+    broken = copy.copy(upper.model)
+    broken._modules = {**upper.model._modules, "norm": torch.nn.Identity()}
+    split._split = (lower, copy.copy(upper))
+    split._split[1]._modules = {**upper._modules, "model": broken}
+    with torch.no_grad():
+        torch.testing.assert_close(split(prompts, actions), whole(prompts, actions))
+    assert split.trunk_cache_bytes == 0 and not split._trunk and "trunk cache off" in capsys.readouterr().err
+
+
+def test_trunk_cache_keeps_to_its_size(tiny_llama_dir):
+    policy = trunk_policy(tiny_llama_dir, 64)
+    prompts, actions = frozenlake_states(5)
+    with torch.no_grad():
+        policy(prompts[:1], actions[:1])
+        one = policy._trunk_size
+        policy.trunk_cache_bytes = int(2.5 * one)  # room for about two states
+        for p, a in zip(prompts, actions):
+            policy([p], [a])
+    assert policy._trunk_size == sum(_nbytes(entry) for entry in policy._trunk.values())
+    assert 1 <= len(policy._trunk) <= 3 and policy._trunk_size <= policy.trunk_cache_bytes
+    assert list(policy._trunk)[-1] == prompts[-1]  # least recently used out first
 
 
 def test_policy_prompt_is_glams():
