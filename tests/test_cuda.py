@@ -2,8 +2,9 @@
 
 The same code as on CPU with the prior, the encoder and the networks on the GPU: the batched, KV-cached action
 scoring matches the slow CPU reference in float32 and stays close to it in bfloat16 (the default dtype on a GPU that
-has it); every prior mode returns admissible actions, the same ones on a rerun; the four scripts train, evaluate and
-report the device, and dqn_prior.py resumes exactly. Tiny random models throughout, so nothing needs a download or
+has it); every prior mode returns admissible actions, the same ones on a rerun; the LM policy's frozen-trunk cache
+gives the whole model's scores and gradients; the four scripts train, evaluate and report the device, and
+dqn_prior.py resumes exactly. Tiny random models throughout, so nothing needs a download or
 the embedded models' packages. `LLMPRIOR_TEST_DEVICE=cpu` runs the same checks on the CPU (to check the checks
 where there is no GPU).
 """
@@ -140,3 +141,32 @@ def test_bc_trains_on_cuda(llama_dir, tmp_path):
                                     "--total-steps", "6", "--batch-size", "4", "--eval-freq", "6",
                                     "--eval-episodes", "1", "--runs-dir", str(tmp_path)))  # fmt: skip
     assert summary["device"] == DEVICE and summary["step"] == 6 and np.isfinite(summary["final_bc_loss"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lm_policy_trunk_cache_matches_the_whole_model(lm_dir, dtype):
+    """The LM policy's frozen-trunk cache (LoRA on the top block of two) gives the whole model's scores, values and
+    gradients on the device, on the first call and from the cache."""
+    from gflan_prior import PolicyArgs, load_policy
+
+    prompts = [PROMPT, "Goal of the agent: put a clean tomato in the fridge \n Action 0:"]
+    actions = [TOMATO_ACTIONS[:4], TOMATO_ACTIONS[2:5]]
+    results = []
+    for trunk_cache_mb in (0, 64):
+        torch.manual_seed(0)
+        policy = load_policy(PolicyArgs(model=lm_dir, lora_r=4, lora_layers=1, trunk_cache_mb=trunk_cache_mb,
+                                        device=DEVICE, dtype=dtype), torch.device(DEVICE))  # fmt: skip
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.3)
+        for _ in range(2):
+            scores, values = policy(prompts, actions)
+            loss = scores.masked_fill(scores.isinf(), 0.0).square().sum() + values.sum()
+            grads = torch.autograd.grad(loss, [p for p in policy.parameters() if p.requires_grad])
+            results.append([scores.float(), values.float(), *(g.float() for g in grads)])
+    assert policy.trunk_cache_bytes > 0 and len(policy._trunk) == 2
+    tol = 1e-4 if dtype == "float32" else 5e-2
+    for whole, split in zip(results[:2], results[2:]):
+        for w, s in zip(whole, split):
+            torch.testing.assert_close(s, w, atol=tol, rtol=tol)
