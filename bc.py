@@ -332,24 +332,31 @@ class LMPolicy(nn.Module):
         column, where its next-token distribution and hidden state are read), then each action against its prompt's
         key/value cache. `states` = the lower blocks' output for (prompts, actions) when `lm` holds only the upper
         blocks."""
-        p_ids, p_mask, owner, a_ids, a_mask = batch
-        p_in, a_in = ({"input_ids": p_ids}, {"input_ids": a_ids}) if states is None else (
-            {"inputs_embeds": states[0]}, {"inputs_embeds": states[1]})  # fmt: skip
-        positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
-        out = lm(**p_in, attention_mask=p_mask, position_ids=positions, use_cache=True, output_hidden_states=True,
-                 logits_to_keep=1)  # fmt: skip
+        _, _, owner, a_ids, a_mask = batch
+        out, a_out = self._two_passes(lm, batch, states, output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][:, -1]
         first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        cache.batch_select_indices(owner)
-        a_pos = p_mask.sum(-1)[owner].unsqueeze(1) + torch.arange(a_ids.shape[1], device=a_ids.device)
-        logits = lm(**a_in, attention_mask=torch.cat([p_mask[owner], a_mask], 1), position_ids=a_pos, cache=cache,
-                    use_cache=True).logits  # fmt: skip
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        logp = torch.log_softmax(a_out.logits[:, :-1].float(), dim=-1)
         token_logps = torch.cat(
             [first_logp[owner].gather(-1, a_ids[:, :1]), logp.gather(-1, a_ids[:, 1:].unsqueeze(-1)).squeeze(-1)], dim=1
         )
         return (token_logps * a_mask).sum(-1), hidden
+
+    @staticmethod
+    def _two_passes(model: nn.Module, batch: tuple, states: Optional[tuple] = None, **prompt_kwargs) -> tuple:
+        """-> (model output for the prompts, for the actions run against the prompts' key/value cache). The inputs are
+        the batch's token ids, or `states` (input embeddings of the prompts and of the actions) where given."""
+        p_ids, p_mask, owner, a_ids, a_mask = batch
+        p_in, a_in = ({"input_ids": p_ids}, {"input_ids": a_ids}) if states is None else (
+            {"inputs_embeds": states[0]}, {"inputs_embeds": states[1]})  # fmt: skip
+        positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(**p_in, attention_mask=p_mask, position_ids=positions, use_cache=True, **prompt_kwargs)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache.batch_select_indices(owner)
+        a_pos = p_mask.sum(-1)[owner].unsqueeze(1) + torch.arange(a_ids.shape[1], device=a_ids.device)
+        a_out = model(**a_in, attention_mask=torch.cat([p_mask[owner], a_mask], 1), position_ids=a_pos, cache=cache,
+                      use_cache=True)  # fmt: skip
+        return out, a_out
 
     def _trunk_split(self) -> Optional[tuple]:
         """(model of the frozen lower blocks, without the final norm; LM of the upper blocks), built once; None when
@@ -386,15 +393,8 @@ class LMPolicy(nn.Module):
 
     def _lower(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen lower blocks' output for a batch's prompts [B, L, d] and actions [pairs, W, d], as padded."""
-        p_ids, p_mask, owner, a_ids, a_mask = batch
-        positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._split[0](input_ids=p_ids, attention_mask=p_mask, position_ids=positions, use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        cache.batch_select_indices(owner)
-        a_pos = p_mask.sum(-1)[owner].unsqueeze(1) + torch.arange(a_ids.shape[1], device=a_ids.device)
-        a_states = self._split[0](input_ids=a_ids, attention_mask=torch.cat([p_mask[owner], a_mask], 1),
-                                  position_ids=a_pos, cache=cache, use_cache=True).last_hidden_state  # fmt: skip
-        return out.last_hidden_state, a_states
+        out, a_out = self._two_passes(self._split[0], batch)
+        return out.last_hidden_state, a_out.last_hidden_state
 
     @torch.no_grad()
     def _trunk_states(self, prompts: list[str], actions: list[list[str]], batch: tuple) -> tuple[torch.Tensor, ...]:

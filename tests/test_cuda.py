@@ -4,9 +4,8 @@ The same code as on CPU with the prior, the encoder and the networks on the GPU:
 scoring matches the slow CPU reference in float32 and stays close to it in bfloat16 (the default dtype on a GPU that
 has it); every prior mode returns admissible actions, the same ones on a rerun; the LM policy's frozen-trunk cache
 gives the whole model's scores and gradients; the four scripts train, evaluate and report the device, and
-dqn_prior.py resumes exactly. Tiny random models throughout, so nothing needs a download or
-the embedded models' packages. `LLMPRIOR_TEST_DEVICE=cpu` runs the same checks on the CPU (to check the checks
-where there is no GPU).
+dqn_prior.py resumes exactly. Tiny random models throughout, so nothing needs a download or the embedded models'
+packages. `LLMPRIOR_TEST_DEVICE=cpu` runs the same checks on the CPU (to check the checks where there is no GPU).
 """
 
 import glob
@@ -18,6 +17,7 @@ import pytest
 import torch
 from helpers import last_json, reference_logliks, run_script, summary_of
 from test_bc import write_frozenlake_dataset
+from test_gflan import scores_and_grads, trunk_policy
 from test_prior import CABINETS, CORPUS, PROMPT, TOMATO_ACTIONS
 from transformers import AutoModelForCausalLM
 
@@ -147,24 +147,13 @@ def test_bc_trains_on_cuda(llama_dir, tmp_path):
 def test_lm_policy_trunk_cache_matches_the_whole_model(lm_dir, dtype):
     """The LM policy's frozen-trunk cache (LoRA on the top block of two) gives the whole model's scores, values and
     gradients on the device, on the first call and from the cache."""
-    from gflan_prior import PolicyArgs, load_policy
-
     prompts = [PROMPT, "Goal of the agent: put a clean tomato in the fridge \n Action 0:"]
     actions = [TOMATO_ACTIONS[:4], TOMATO_ACTIONS[2:5]]
     results = []
     for trunk_cache_mb in (0, 64):
-        torch.manual_seed(0)
-        policy = load_policy(PolicyArgs(model=lm_dir, lora_r=4, lora_layers=1, trunk_cache_mb=trunk_cache_mb,
-                                        device=DEVICE, dtype=dtype), torch.device(DEVICE))  # fmt: skip
-        with torch.no_grad():
-            for name, p in policy.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0.0, 0.3)
+        policy = trunk_policy(lm_dir, trunk_cache_mb, DEVICE, dtype)
         for _ in range(2):
-            scores, values = policy(prompts, actions)
-            loss = scores.masked_fill(scores.isinf(), 0.0).square().sum() + values.sum()
-            grads = torch.autograd.grad(loss, [p for p in policy.parameters() if p.requires_grad])
-            results.append([scores.float(), values.float(), *(g.float() for g in grads)])
+            results.append([t.float() for t in scores_and_grads(policy, prompts, actions)])
     assert policy.trunk_cache_bytes > 0 and len(policy._trunk) == 2
     tol = 1e-4 if dtype == "float32" else 5e-2
     for whole, split in zip(results[:2], results[2:]):

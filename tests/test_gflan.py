@@ -126,9 +126,10 @@ def test_lora_on_top_blocks_only(tiny_llama_dir):
 
 
 # ---- the frozen-trunk cache (LoRA on the top block of two) ---------------------------------------------------------
-def trunk_policy(folder: str, trunk_cache_mb: int) -> LMPolicy:
+def trunk_policy(folder: str, trunk_cache_mb: int, device: str = "cpu", dtype: str = "auto") -> LMPolicy:
     torch.manual_seed(0)  # the same LoRA and value head for every cache size
-    policy = load_policy(PolicyArgs(model=folder, lora_r=4, lora_layers=1, trunk_cache_mb=trunk_cache_mb), CPU)
+    policy = load_policy(PolicyArgs(model=folder, lora_r=4, lora_layers=1, trunk_cache_mb=trunk_cache_mb,
+                                    device=device, dtype=dtype), torch.device(device))  # fmt: skip
     with torch.no_grad():  # LoRA away from the identity, so that the upper block's adapters matter
         g = torch.Generator().manual_seed(0)
         for name, p in policy.named_parameters():
