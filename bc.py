@@ -486,6 +486,8 @@ def load_policy(args: PolicyArgs, device: torch.device) -> LMPolicy:
         lm = inject_adapter_in_model(lora, lm)
         for name, p in lm.named_parameters():
             p.requires_grad_("lora_" in name)
+            if "lora_" in name:  # float32 adapters (and Adam moments) over a bfloat16 base: the usual mixed precision
+                p.data = p.data.float()
     policy = LMPolicy(lm, tokenizer, args.normalize, args.value_hidden, args.trunk_cache_mb).to(device)
     policy.lm.eval()
     return policy
@@ -657,6 +659,7 @@ if __name__ == "__main__":
         return result
 
     start_time, start_step, result, last_eval = time.time(), step, {}, step
+    skipped, bad_steps = 0, 0  # optimizer steps skipped for a non-finite gradient: in all, and in a row
     before_step: Optional[dict] = None
     try:
         while step < args.total_steps:
@@ -684,14 +687,22 @@ if __name__ == "__main__":
                 with torch.no_grad():
                     probs = torch.softmax(scores, dim=-1).gather(1, actions.unsqueeze(1))
                     data_prob += probs.sum().item() / len(batch)
-            nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
+            grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+                bad_steps = 0
+            else:  # a non-finite gradient would turn every weight into NaN: skip the step, and stop if it persists
+                skipped, bad_steps = skipped + 1, bad_steps + 1
+                print(f"step {step + 1}: non-finite gradient (norm {grad_norm.item()}); step skipped", file=sys.stderr)
+                if bad_steps >= 10:
+                    raise FloatingPointError(f"{bad_steps} non-finite gradients in a row: training diverged")
             step += 1
             before_step = None
 
             # TRY NOT TO MODIFY: record losses for plotting purposes
             writer.add_scalar("losses/bc_loss", total_loss, step)
             writer.add_scalar("charts/data_action_prob", data_prob, step)
+            writer.add_scalar("charts/skipped_steps", skipped, step)
             if step % 10 == 0 or step == args.total_steps:
                 sps = (step - start_step) / (time.time() - start_time)
                 writer.add_scalar("charts/SPS", sps, step)
@@ -717,7 +728,7 @@ if __name__ == "__main__":
         torch.save(policy.trainable_state_dict(), os.path.join(run_dir, "policy.pt"))
     summary = {"run_name": run_name, "device": str(device), "step": step, "transitions": len(samples), **final,
                "best_eval_return": best_eval, "final_bc_loss": total_loss if step > start_step else None,
-               "final_data_action_prob": data_prob if step > start_step else None,
+               "final_data_action_prob": data_prob if step > start_step else None, "skipped_steps": skipped,
                "wall_clock_s": time.time() - start_time}  # fmt: skip
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -1326,6 +1326,8 @@ def load_policy(args: PolicyArgs, device: torch.device) -> LMPolicy:
         lm = inject_adapter_in_model(lora, lm)
         for name, p in lm.named_parameters():
             p.requires_grad_("lora_" in name)
+            if "lora_" in name:  # float32 adapters (and Adam moments) over a bfloat16 base: the usual mixed precision
+                p.data = p.data.float()
     policy = LMPolicy(lm, tokenizer, args.normalize, args.value_hidden, args.trunk_cache_mb).to(device)
     policy.lm.eval()
     return policy
