@@ -493,6 +493,16 @@ def load_policy(args: PolicyArgs, device: torch.device) -> LMPolicy:
     return policy
 
 
+def finite_step(optimizer: optim.Optimizer, params: list[torch.Tensor], max_grad_norm: float) -> bool:
+    """Clip the gradient to `max_grad_norm` and step, unless its norm is NaN or inf: Adam would carry that into every
+    weight for good, so no step is taken. -> whether the step was taken."""
+    grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        return False
+    optimizer.step()
+    return True
+
+
 # ---------------- Dataset and loss (pure functions, unit-tested) ----------------
 DATASET_FORMAT, DATASET_VERSION = "llmprior-offline-transitions", 1
 
@@ -687,13 +697,11 @@ if __name__ == "__main__":
                 with torch.no_grad():
                     probs = torch.softmax(scores, dim=-1).gather(1, actions.unsqueeze(1))
                     data_prob += probs.sum().item() / len(batch)
-            grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            if torch.isfinite(grad_norm):
-                optimizer.step()
+            if finite_step(optimizer, params, args.max_grad_norm):
                 bad_steps = 0
-            else:  # a non-finite gradient would turn every weight into NaN: skip the step, and stop if it persists
+            else:  # a NaN/inf gradient: this step is skipped, and a run of them stops training
                 skipped, bad_steps = skipped + 1, bad_steps + 1
-                print(f"step {step + 1}: non-finite gradient (norm {grad_norm.item()}); step skipped", file=sys.stderr)
+                print(f"step {step + 1}: non-finite gradient; step skipped", file=sys.stderr)
                 if bad_steps >= 10:
                     raise FloatingPointError(f"{bad_steps} non-finite gradients in a row: training diverged")
             step += 1

@@ -1333,6 +1333,16 @@ def load_policy(args: PolicyArgs, device: torch.device) -> LMPolicy:
     return policy
 
 
+def finite_step(optimizer: optim.Optimizer, params: list[torch.Tensor], max_grad_norm: float) -> bool:
+    """Clip the gradient to `max_grad_norm` and step, unless its norm is NaN or inf: Adam would carry that into every
+    weight for good, so no step is taken. -> whether the step was taken."""
+    grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        return False
+    optimizer.step()
+    return True
+
+
 # ---------------- Losses (pure functions, unit-tested) ----------------
 def empirical_prior(proposals: list[str], actions: list[str], smoothing: float) -> np.ndarray:
     """p̂_LLM(·|s) over `actions` from k proposals, mixed with the uniform distribution: (1 − λ)·count/k + λ/|A|."""
@@ -1606,6 +1616,7 @@ if __name__ == "__main__":
 
     iteration, global_step, next_episode = 0, 0, 0
     covered, coverage_states, best_eval = 0, 0, -float("inf")
+    skipped, bad_steps = 0, 0  # minibatches skipped for a non-finite gradient: in all, and in a row
     recent_returns, recent_success, replays = [], [], [(None, [])] * args.num_envs
     if ckpt is not None:
         policy.load_state_dict(ckpt["policy"], strict=False)
@@ -1728,8 +1739,13 @@ if __name__ == "__main__":
                         for key, value in out.items():
                             sums[key] = sums.get(key, 0.0) + value.item() / len(mb)
                         epoch_kl += out["approx_kl"].item() / len(mb)
-                    nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
+                    if finite_step(optimizer, params, args.max_grad_norm):
+                        bad_steps = 0
+                    else:  # a NaN/inf gradient: this minibatch is skipped, and a run of them stops training
+                        skipped, bad_steps = skipped + 1, bad_steps + 1
+                        print(f"update {iteration}: non-finite gradient; minibatch skipped", file=sys.stderr)
+                        if bad_steps >= 10:
+                            raise FloatingPointError(f"{bad_steps} non-finite gradients in a row: training diverged")
                     minibatches += 1
                     epoch_minibatches += 1
                 if args.target_kl is not None and epoch_kl / epoch_minibatches > args.target_kl:
@@ -1748,6 +1764,7 @@ if __name__ == "__main__":
             sps = int((global_step - start_step) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("charts/update_seconds", update_seconds, global_step)
+            writer.add_scalar("charts/skipped_minibatches", skipped, global_step)
             line = (f"iter {iteration}/{args.num_iterations} step {global_step} "
                     f"return {np.mean(recent_returns) if recent_returns else float('nan'):.3f} "
                     f"success {np.mean(recent_success) if recent_success else float('nan'):.2f} "
@@ -1787,7 +1804,8 @@ if __name__ == "__main__":
                "episodes": next_episode - args.num_envs, **final, "best_eval_return": best_eval,
                "wall_clock_s": time.time() - start_time, "prior_queries": prior.queries if prior else 0,
                "prior_cache_hit_rate": prior.cache_hit_rate if prior else None,
-               "prior_coverage": covered / coverage_states if coverage_states else None}  # fmt: skip
+               "prior_coverage": covered / coverage_states if coverage_states else None,
+               "skipped_minibatches": skipped}  # fmt: skip
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("summary " + json.dumps(summary), flush=True)

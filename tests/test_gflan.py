@@ -20,6 +20,7 @@ from gflan_prior import (
     compute_gae,
     empirical_prior,
     entropy,
+    finite_step,
     kl_to_prior,
     load_policy,
     policy_prompt,
@@ -123,6 +124,33 @@ def test_lora_on_top_blocks_only(tiny_llama_dir):
     prompts, actions = frozenlake_states(1)
     with torch.no_grad():
         torch.testing.assert_close(policy(prompts, actions)[0], base(prompts, actions)[0])
+
+
+def test_lora_adapters_train_in_float32_over_a_bfloat16_base(tiny_llama_dir):
+    policy = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=4, lora_layers=1, dtype="bfloat16"), CPU)
+    lora = [p for n, p in policy.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert policy.lm.get_input_embeddings().weight.dtype == torch.bfloat16
+    with torch.no_grad():  # adapters away from the identity, so that they take part in the scores
+        for p in lora:
+            p.normal_(0.0, 0.3)
+    prompts, actions = frozenlake_states(2)
+    scores, values = policy(prompts, actions)
+    grads = torch.autograd.grad(scores.masked_fill(scores.isinf(), 0.0).sum(), lora)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_finite_step_skips_a_nan_or_inf_gradient():
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.Adam([w], lr=0.1)
+    for bad in (float("nan"), float("inf")):
+        w.grad = torch.tensor([1.0, bad, 1.0])
+        assert not finite_step(optimizer, [w], max_grad_norm=0.5)
+        assert torch.equal(w.detach(), torch.ones(3)) and not optimizer.state  # no step, no Adam moments
+    w.grad = torch.tensor([3.0, 0.0, 4.0])
+    assert finite_step(optimizer, [w], max_grad_norm=0.5)
+    assert torch.isfinite(w).all() and not torch.equal(w.detach(), torch.ones(3))
+    torch.testing.assert_close(w.grad.norm(), torch.tensor(0.5))  # clipped to max_grad_norm before the step
 
 
 # ---- the frozen-trunk cache (LoRA on the top block of two) ---------------------------------------------------------
