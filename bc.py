@@ -130,6 +130,9 @@ class PolicyArgs:
     """torch device (auto = cuda if available and --cuda, else cpu)"""
     dtype: str = "auto"
     """weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16"""
+    attn_implementation: Optional[str] = None
+    """the LM's attention kernel (transformers' attn_implementation): sdpa, eager (softmax in PyTorch ops); None =
+    transformers' choice (sdpa where the model has it)"""
     trunk_cache_mb: int = 2048
     """MB of hidden states kept from the frozen blocks below the lowest LoRA-adapted one (causal LMs), per prompt and
     action: a state seen again runs only the adapted blocks (same scores; BC's epochs, PPO's update epochs). 0 = off"""
@@ -469,7 +472,7 @@ def load_policy(args: PolicyArgs, device: torch.device) -> LMPolicy:
              "bfloat16": torch.bfloat16}[args.dtype]  # fmt: skip
     config = AutoConfig.from_pretrained(folder, local_files_only=local)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    lm = auto.from_pretrained(folder, dtype=dtype, local_files_only=local)
+    lm = auto.from_pretrained(folder, dtype=dtype, attn_implementation=args.attn_implementation, local_files_only=local)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
     # Dropout off for good: PPO's ratio π_θ/π_old must be 1 before the first step.
     lm.eval()
@@ -701,7 +704,7 @@ if __name__ == "__main__":
                 bad_steps = 0
             else:  # a NaN/inf gradient: this step is skipped, and a run of them stops training
                 skipped, bad_steps = skipped + 1, bad_steps + 1
-                print(f"step {step + 1}: non-finite gradient; step skipped", file=sys.stderr)
+                print(f"step {step + 1}: non-finite gradient; step skipped (batch: samples {batch})", file=sys.stderr)
                 if bad_steps >= 10:
                     raise FloatingPointError(f"{bad_steps} non-finite gradients in a row: training diverged")
             step += 1

@@ -970,6 +970,9 @@ class PolicyArgs:
     """torch device (auto = cuda if available and --cuda, else cpu)"""
     dtype: str = "auto"
     """weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16"""
+    attn_implementation: Optional[str] = None
+    """the LM's attention kernel (transformers' attn_implementation): sdpa, eager (softmax in PyTorch ops); None =
+    transformers' choice (sdpa where the model has it)"""
     trunk_cache_mb: int = 2048
     """MB of hidden states kept from the frozen blocks below the lowest LoRA-adapted one (causal LMs), per prompt and
     action: a state seen again runs only the adapted blocks (same scores; BC's epochs, PPO's update epochs). 0 = off"""
@@ -1309,7 +1312,7 @@ def load_policy(args: PolicyArgs, device: torch.device) -> LMPolicy:
              "bfloat16": torch.bfloat16}[args.dtype]  # fmt: skip
     config = AutoConfig.from_pretrained(folder, local_files_only=local)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    lm = auto.from_pretrained(folder, dtype=dtype, local_files_only=local)
+    lm = auto.from_pretrained(folder, dtype=dtype, attn_implementation=args.attn_implementation, local_files_only=local)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
     # Dropout off for good: PPO's ratio π_θ/π_old must be 1 before the first step.
     lm.eval()

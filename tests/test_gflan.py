@@ -140,6 +140,15 @@ def test_lora_adapters_train_in_float32_over_a_bfloat16_base(tiny_llama_dir):
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
+def test_eager_attention_gives_the_same_scores(tiny_dir):
+    prompts, actions = frozenlake_states(3)  # prompts of different lengths: left padding
+    policies = [load_policy(PolicyArgs(model=tiny_dir, attn_implementation=kind), CPU) for kind in (None, "eager")]
+    assert policies[1].lm.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(policies[0](prompts, actions)[0], policies[1](prompts, actions)[0], rtol=1e-4,
+                                   atol=1e-4)  # fmt: skip
+
+
 def test_finite_step_skips_a_nan_or_inf_gradient():
     w = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.Adam([w], lr=0.1)
