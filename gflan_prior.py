@@ -1163,12 +1163,11 @@ class LMPolicy(nn.Module):
         out = self.lm(encoder_outputs=(encoded[owner],), attention_mask=p_mask[owner], decoder_input_ids=dec_in,
                       decoder_attention_mask=torch.cat([torch.ones_like(a_mask[:, :1]), a_mask[:, :-1]], 1),
                       output_hidden_states=True, use_cache=False)  # fmt: skip
-        logp = torch.log_softmax(out.logits.float(), dim=-1)
-        token_logps = logp.gather(-1, a_ids.unsqueeze(-1)).squeeze(-1)
+        token_logps = self._token_logps(out.logits, a_ids, a_mask)
         # GLAM's value input: the decoder's first hidden state, which depends on the prompt only.
         first = self._host([0] + [len(a) for a in actions[:-1]]).cumsum(0)
         hidden = out.decoder_hidden_states[-1][first, 0]
-        return (token_logps * a_mask).sum(-1), hidden
+        return token_logps.sum(-1), hidden
 
     def _causal(self, lm: nn.Module, batch: tuple, states: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The causal path of `_score`: the prompts (left-padded, with explicit positions: every prompt ends at the last
@@ -1179,11 +1178,16 @@ class LMPolicy(nn.Module):
         out, a_out = self._two_passes(lm, batch, states, output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][:, -1]
         first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        logp = torch.log_softmax(a_out.logits[:, :-1].float(), dim=-1)
-        token_logps = torch.cat(
-            [first_logp[owner].gather(-1, a_ids[:, :1]), logp.gather(-1, a_ids[:, 1:].unsqueeze(-1)).squeeze(-1)], dim=1
-        )
-        return (token_logps * a_mask).sum(-1), hidden
+        rest = self._token_logps(a_out.logits[:, :-1], a_ids[:, 1:], a_mask[:, 1:])
+        return first_logp[owner].gather(-1, a_ids[:, :1]).squeeze(-1) + rest.sum(-1), hidden
+
+    @staticmethod
+    def _token_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """log p(target) [pairs, W] from `logits` [pairs, W, vocab] where `mask` is set, 0 elsewhere. The float32
+        log-softmax runs over those positions only: padding is often a third of an action batch's positions."""
+        real = mask.bool()
+        logp = torch.log_softmax(logits[real].float(), dim=-1).gather(-1, targets[real].unsqueeze(-1)).squeeze(-1)
+        return torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device).masked_scatter(real, logp)
 
     @staticmethod
     def _two_passes(model: nn.Module, batch: tuple, states: Optional[tuple] = None, **prompt_kwargs) -> tuple:

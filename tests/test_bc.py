@@ -4,10 +4,14 @@ LM; the embedded one in the slow test)."""
 import glob
 import json
 import math
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
-from helpers import script_runner, summary_of
+from helpers import ROOT, script_runner, summary_of
 
 import envs
 from bc import DATASET_FORMAT, PolicyArgs, bc_loss, bc_samples, load_dataset, load_policy, policy_prompt
@@ -120,3 +124,23 @@ def test_smoke_embedded_model(tmp_path):
     summary = summary_of(run_script("--dataset", str(tmp_path / "d.jsonl"), "--total-steps", "2", "--batch-size", "3",
                                     "--eval-episodes", "1", "--runs-dir", str(tmp_path), "--torch-threads", "1"))
     assert summary["step"] == 2 and summary["final_bc_loss"] > 0
+
+
+def test_lm_policy_speed_benchmark_reports_the_batch_loss(tiny_lm_dir, tmp_path):
+    """benchmarks/lm_policy_speed.py times BC's forward and backward on the batch BC's first step would draw; its
+    loss is bc_loss on those samples."""
+    write_frozenlake_dataset(tmp_path / "d.jsonl")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "lm_policy_speed.py"), "--dataset",
+                          str(tmp_path / "d.jsonl"), "--prompts", "5", "--repeats", "1", "--threads", "1", "--",
+                          "--model", tiny_lm_dir, "--lora-r", "0"], capture_output=True, text=True, check=True)  # fmt: skip
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    samples = bc_samples(load_dataset(str(tmp_path / "d.jsonl"))[1], history=0)
+    batch = [samples[int(i)] for i in np.random.default_rng(1).permutation(len(samples))[:5]]
+    torch.manual_seed(1)
+    policy = load_policy(PolicyArgs(model=tiny_lm_dir, lora_r=0), torch.device("cpu"))
+    with torch.no_grad():
+        scores = policy([s["prompt"] for s in batch], [s["actions"] for s in batch])[0]
+    loss = bc_loss(scores, torch.as_tensor([s["index"] for s in batch])).item()
+    assert report["prompts"] == 5 and len(report["forward_backward_s"]) == 1 and report["peak_mb"] > 0
+    assert report["actions"] == sum(len(s["actions"]) for s in batch)
+    assert report["loss"] == pytest.approx(loss, abs=1e-5)

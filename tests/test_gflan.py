@@ -149,6 +149,16 @@ def test_eager_attention_gives_the_same_scores(tiny_dir):
                                    atol=1e-4)  # fmt: skip
 
 
+def test_token_logps_are_read_at_real_positions_only():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, generator=g)
+    targets, mask = torch.tensor([[1, 4, 0], [2, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    logits[mask == 0] = float("nan")  # whatever sits at the padding stays out of the result
+    out = LMPolicy._token_logps(logits, targets, mask)
+    expected = torch.log_softmax(torch.nan_to_num(logits), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
+    torch.testing.assert_close(out, expected)
+
+
 def test_finite_step_skips_a_nan_or_inf_gradient():
     w = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.Adam([w], lr=0.1)
