@@ -599,15 +599,62 @@ def set_rng_state(state: dict, rng: np.random.Generator) -> None:
     rng.bit_generator.state = state["generator"]
 
 
+# Settings of how a run computes, not what: a resumed run takes them from the command line when given there.
+RESUME_OVERRIDES = (
+    "cuda", "track", "wandb_project_name", "wandb_entity", "torch_threads", "policy.device", "policy.dtype",
+    "policy.micro_batch", "policy.trunk_cache_mb", "policy.attn_implementation",
+)
+
+
+def flat_fields(obj, prefix: str = "") -> dict:
+    """A (nested) dataclass as {"policy.micro_batch": value, ...}."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_fields(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def resume_args(cli, saved, keep: tuple[str, ...], argv: Optional[list[str]] = None):
+    """The arguments of a resumed run: the checkpoint's own (`saved`), with `keep` (--resume, the new total) and any
+    RESUME_OVERRIDES given on the command line (`cli`) taken from there. Those settings say how a run computes, not
+    what (device, micro-batch, threads, server), so a run can go on on another machine. Any other flag that differs
+    from the checkpoint is ignored, with a warning: a resumed run keeps its algorithm's settings."""
+    argv = sys.argv[1:] if argv is None else argv
+    default, given, old = flat_fields(type(cli)()), flat_fields(cli), flat_fields(saved)
+    for key, value in given.items():
+        prefix, _, name = key.rpartition(".")
+        negated = f"{prefix}.no-{name}" if prefix else f"no-{name}"  # tyro's --no-flag / --policy.no-flag
+        flags = {f"--{key}", f"--{key.replace('_', '-')}", f"--{negated.replace('_', '-')}"}
+        named = any(a.split("=")[0] in flags for a in argv)
+        if key in keep or key not in old or value == old[key] or (value == default[key] and not named):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in RESUME_OVERRIDES:
+            target = saved
+            for part in prefix.split(".") if prefix else []:
+                target = getattr(target, part)
+            setattr(target, name, value)
+            print(f"resuming with {flag} {value} (the checkpoint had {old[key]})")
+        else:
+            print(f"warning: {flag} {value} ignored: the resumed run keeps the checkpoint's {old[key]}",
+                  file=sys.stderr)  # fmt: skip
+    for key in keep:
+        setattr(saved, key, getattr(cli, key))
+    return saved
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
 
     # Resuming continues the same run directory; everything a run writes lives under runs/{run_name}/.
     ckpt = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
     if ckpt is not None:
-        resume_path, resume_total = args.resume, args.total_steps
-        args = Args(**{**ckpt["args"], "policy": PolicyArgs(**ckpt["args"]["policy"])})
-        args.resume, args.total_steps = resume_path, resume_total
+        saved = Args(**{**ckpt["args"], "policy": PolicyArgs(**ckpt["args"]["policy"])})
+        args = resume_args(args, saved, keep=("resume", "total_steps"))
         run_name = ckpt["run_name"]
     if args.dataset is None:
         raise SystemExit("bc.py needs --dataset PATH (an offline dataset, e.g. from dqn_prior.py --save-dataset)")

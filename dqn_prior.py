@@ -1221,6 +1221,54 @@ def set_rng_state(state: dict, rng: np.random.Generator) -> None:
     rng.bit_generator.state = state["generator"]
 
 
+# Settings of how a run computes, not what: a resumed run takes them from the command line when given there.
+RESUME_OVERRIDES = (
+    "cuda", "track", "wandb_project_name", "wandb_entity", "prior.device", "prior.dtype", "prior.base_url",
+    "prior.api_key", "prior.timeout", "prior.max_retries", "prior.cache_path",
+)
+
+
+def flat_fields(obj, prefix: str = "") -> dict:
+    """A (nested) dataclass as {"policy.micro_batch": value, ...}."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_fields(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def resume_args(cli, saved, keep: tuple[str, ...], argv: Optional[list[str]] = None):
+    """The arguments of a resumed run: the checkpoint's own (`saved`), with `keep` (--resume, the new total) and any
+    RESUME_OVERRIDES given on the command line (`cli`) taken from there. Those settings say how a run computes, not
+    what (device, micro-batch, threads, server), so a run can go on on another machine. Any other flag that differs
+    from the checkpoint is ignored, with a warning: a resumed run keeps its algorithm's settings."""
+    argv = sys.argv[1:] if argv is None else argv
+    default, given, old = flat_fields(type(cli)()), flat_fields(cli), flat_fields(saved)
+    for key, value in given.items():
+        prefix, _, name = key.rpartition(".")
+        negated = f"{prefix}.no-{name}" if prefix else f"no-{name}"  # tyro's --no-flag / --policy.no-flag
+        flags = {f"--{key}", f"--{key.replace('_', '-')}", f"--{negated.replace('_', '-')}"}
+        named = any(a.split("=")[0] in flags for a in argv)
+        if key in keep or key not in old or value == old[key] or (value == default[key] and not named):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in RESUME_OVERRIDES:
+            target = saved
+            for part in prefix.split(".") if prefix else []:
+                target = getattr(target, part)
+            setattr(target, name, value)
+            print(f"resuming with {flag} {value} (the checkpoint had {old[key]})")
+        else:
+            print(f"warning: {flag} {value} ignored: the resumed run keeps the checkpoint's {old[key]}",
+                  file=sys.stderr)  # fmt: skip
+    for key in keep:
+        setattr(saved, key, getattr(cli, key))
+    return saved
+
+
 def make_env(env_id: str, split: Optional[str] = None, expert: bool = False):
     kwargs = {}
     if env_id.startswith("alfworld"):
@@ -1236,10 +1284,9 @@ if __name__ == "__main__":
     # Resuming continues the same run directory; everything a run writes lives under runs/{run_name}/.
     ckpt = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
     if ckpt is not None:
-        resume_path, resume_total = args.resume, args.total_timesteps
-        args = Args(**{**ckpt["args"], "prior": PriorArgs(**ckpt["args"]["prior"]),
+        saved = Args(**{**ckpt["args"], "prior": PriorArgs(**ckpt["args"]["prior"]),
                        "eval_prior": EvalPriorArgs(**ckpt["args"]["eval_prior"])})  # fmt: skip
-        args.resume, args.total_timesteps = resume_path, resume_total
+        args = resume_args(args, saved, keep=("resume", "total_timesteps"))
         run_name = ckpt["run_name"]
     else:
         run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"

@@ -113,6 +113,22 @@ def test_bc_resume_is_exact(tiny_lm_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bc_resume_on_another_machine_takes_its_micro_batch(tiny_lm_dir, tmp_path):
+    """A checkpoint from a big machine goes on with a smaller micro-batch (an execution setting); its learning rate
+    (an algorithm setting) stays, whatever the resuming command line says."""
+    write_frozenlake_dataset(tmp_path / "d.jsonl")
+    run_script("--dataset", str(tmp_path / "d.jsonl"), "--policy.model", tiny_lm_dir, "--batch-size", "5",
+               "--eval-freq", "100", "--eval-episodes", "1", "--runs-dir", str(tmp_path), "--torch-threads", "1",
+               "--total-steps", "2")  # fmt: skip
+    ckpt = glob.glob(str(tmp_path / "*" / "checkpoint.pt"))[0]
+    result = run_script("--resume", ckpt, "--total-steps", "4", "--policy.micro-batch", "2", "--learning-rate", "0.5")
+    assert summary_of(result)["step"] == 4
+    assert "resuming with --policy.micro-batch 2 (the checkpoint had 16)" in result.stdout
+    assert "--learning-rate 0.5 ignored" in result.stderr
+    saved = torch.load(ckpt, weights_only=False)["args"]
+    assert saved["policy"]["micro_batch"] == 2 and saved["learning_rate"] == 1e-4
+
+
 def test_missing_dataset_is_a_clear_error(tmp_path):
     result = run_script("--runs-dir", str(tmp_path), check=False)
     assert result.returncode != 0 and "--dataset" in result.stderr
