@@ -698,18 +698,21 @@ if __name__ == "__main__":
     print(f"{len(samples)} transitions from {args.dataset} (env {header['env']}, prior {header.get('prior')})")
 
     step, best_eval, order, cursor = 0, -float("inf"), np.zeros(0, dtype=np.int64), 0
+    skipped, bad_steps = 0, 0  # optimizer steps skipped for a non-finite gradient: in all, and in a row
     if ckpt is not None:
         policy.load_state_dict(ckpt["policy"], strict=False)
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], rng)
         step, best_eval, order, cursor = ckpt["step"], ckpt["best_eval"], ckpt["order"], ckpt["cursor"]
+        skipped = ckpt.get("skipped", 0)  # (checkpoints before this count was kept have none)
         print(f"resumed {run_name} at gradient step {step}")
 
     def checkpoint(before_step: Optional[dict] = None) -> None:
         sampling = before_step or {"rng": rng_state(rng), "order": order, "cursor": cursor}
         save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
             "args": dataclasses.asdict(args), "run_name": run_name, "policy": policy.trainable_state_dict(),
-            "optimizer": optimizer.state_dict(), "step": step, "best_eval": best_eval, **sampling})  # fmt: skip
+            "optimizer": optimizer.state_dict(), "step": step, "best_eval": best_eval, "skipped": skipped,
+            **sampling})  # fmt: skip
 
     def run_eval() -> dict[str, float]:
         global best_eval
@@ -723,7 +726,6 @@ if __name__ == "__main__":
         return result
 
     start_time, start_step, result, last_eval = time.time(), step, {}, step
-    skipped, bad_steps = 0, 0  # optimizer steps skipped for a non-finite gradient: in all, and in a row
     before_step: Optional[dict] = None
     try:
         while step < args.total_steps:

@@ -1680,6 +1680,7 @@ if __name__ == "__main__":
         iteration, global_step, next_episode = ckpt["iteration"], ckpt["global_step"], ckpt["next_episode"]
         covered, coverage_states, best_eval = ckpt["covered"], ckpt["coverage_states"], ckpt["best_eval"]
         recent_returns, recent_success, replays = ckpt["recent_returns"], ckpt["recent_success"], ckpt["replays"]
+        skipped = ckpt.get("skipped", 0)  # (checkpoints before this count was kept have none)
         for counter, value in ckpt["prior_counters"].items():
             setattr(prior, counter, value)
         print(f"resumed {run_name} at iteration {iteration}, step {global_step}")
@@ -1695,7 +1696,8 @@ if __name__ == "__main__":
                 "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": rng_state(rng), "iteration": iteration,
                 "global_step": global_step, "next_episode": next_episode, "covered": covered,
                 "coverage_states": coverage_states, "best_eval": best_eval, "recent_returns": list(recent_returns),
-                "recent_success": list(recent_success), "replays": [(slot.seed, list(slot.actions)) for slot in slots],
+                "recent_success": list(recent_success), "skipped": skipped,
+                "replays": [(slot.seed, list(slot.actions)) for slot in slots],
                 "prior_counters": {c: getattr(prior, c) for c in PRIOR_COUNTERS} if prior else {}}  # fmt: skip
 
     def run_eval() -> dict[str, float]:

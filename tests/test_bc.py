@@ -115,14 +115,15 @@ def test_bc_resume_is_exact(tiny_lm_dir, tmp_path):
 
 def test_bc_resume_on_another_machine_takes_its_micro_batch(tiny_lm_dir, tmp_path):
     """A checkpoint from a big machine goes on with a smaller micro-batch (an execution setting); its learning rate
-    (an algorithm setting) stays, whatever the resuming command line says."""
+    (an algorithm setting) stays, whatever the resuming command line says; its count of skipped steps goes on."""
     write_frozenlake_dataset(tmp_path / "d.jsonl")
     run_script("--dataset", str(tmp_path / "d.jsonl"), "--policy.model", tiny_lm_dir, "--batch-size", "5",
                "--eval-freq", "100", "--eval-episodes", "1", "--runs-dir", str(tmp_path), "--torch-threads", "1",
                "--total-steps", "2")  # fmt: skip
     ckpt = glob.glob(str(tmp_path / "*" / "checkpoint.pt"))[0]
+    torch.save({**torch.load(ckpt, weights_only=False), "skipped": 3}, ckpt)  # skipped steps count on from here
     result = run_script("--resume", ckpt, "--total-steps", "4", "--policy.micro-batch", "2", "--learning-rate", "0.5")
-    assert summary_of(result)["step"] == 4
+    assert summary_of(result)["step"] == 4 and summary_of(result)["skipped_steps"] == 3
     assert "resuming with --policy.micro-batch 2 (the checkpoint had 16)" in result.stdout
     assert "--learning-rate 0.5 ignored" in result.stderr
     saved = torch.load(ckpt, weights_only=False)["args"]

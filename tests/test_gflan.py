@@ -387,8 +387,11 @@ def test_gflan_prior_resume_is_exact(tiny_llama_dir, tmp_path):
     assert full["global_step"] == 48 and full["iterations"] == 3 and full["prior_queries"] > 0
     run_script(*common, "--total-timesteps", "16", "--exp-name", "part")
     ckpt = glob.glob(str(tmp_path / "*part*" / "checkpoint.pt"))[0]
+    state = torch.load(ckpt, weights_only=False)
+    assert state["skipped"] == full["skipped_minibatches"] == 0
+    torch.save({**state, "skipped": 2}, ckpt)  # the count of skipped minibatches goes on from the checkpoint's
     resumed = summary_of(run_script("--resume", ckpt, "--total-timesteps", "48"))
-    assert resumed["global_step"] == 48
+    assert resumed["global_step"] == 48 and resumed["skipped_minibatches"] == 2
     a = torch.load(glob.glob(str(tmp_path / "*full*" / "policy.pt"))[0])
     b = torch.load(glob.glob(str(tmp_path / "*part*" / "policy.pt"))[0])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
