@@ -103,6 +103,14 @@ class Args:
     """where run directories go"""
 
 
+# Settings of how a run computes, not what it computes: a resumed run takes these from its command line (the
+# rest from its checkpoint), so a run can go on on another machine. See resume_args.
+RESUME_OVERRIDES = (
+    "cuda", "track", "wandb_project_name", "wandb_entity", "torch_threads", "policy.device", "policy.dtype",
+    "policy.micro_batch", "policy.trunk_cache_mb", "policy.attn_implementation",
+)
+
+
 # ---------------- LM policy (GLAM) ----------------
 @dataclass
 class PolicyArgs:
@@ -548,6 +556,48 @@ def bc_loss(scores: torch.Tensor, actions: torch.Tensor, reduction: str = "mean"
     return nll.sum() if reduction == "sum" else nll.mean()
 
 
+# ---------------- Resuming a run ----------------
+def flat_fields(obj, prefix: str = "") -> dict:
+    """A (nested) dataclass as {"policy.micro_batch": value, ...}."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_fields(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def resume_args(cli, saved, keep: tuple[str, ...], argv: Optional[list[str]] = None):
+    """The arguments of a resumed run: the checkpoint's own (`saved`), with `keep` (--resume, the new total) and any
+    RESUME_OVERRIDES given on the command line (`cli`) taken from there. Those settings say how a run computes, not
+    what (device, micro-batch, threads, server), so a run can go on on another machine. Any other flag that differs
+    from the checkpoint is ignored, with a warning: a resumed run keeps its algorithm's settings."""
+    argv = sys.argv[1:] if argv is None else argv
+    default, given, old = flat_fields(type(cli)()), flat_fields(cli), flat_fields(saved)
+    for key, value in given.items():
+        prefix, _, name = key.rpartition(".")
+        negated = f"{prefix}.no-{name}" if prefix else f"no-{name}"  # tyro's --no-flag / --policy.no-flag
+        flags = {f"--{key}", f"--{key.replace('_', '-')}", f"--{negated.replace('_', '-')}"}
+        named = any(a.split("=")[0] in flags for a in argv)
+        if key in keep or key not in old or value == old[key] or (value == default[key] and not named):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in RESUME_OVERRIDES:
+            target = saved
+            for part in prefix.split(".") if prefix else []:
+                target = getattr(target, part)
+            setattr(target, name, value)
+            print(f"resuming with {flag} {value} (the checkpoint had {old[key]})")
+        else:
+            print(f"warning: {flag} {value} ignored: the resumed run keeps the checkpoint's {old[key]}",
+                  file=sys.stderr)  # fmt: skip
+    for key in keep:
+        setattr(saved, key, getattr(cli, key))
+    return saved
+
+
 # ---------------- Evaluation and checkpoints ----------------
 @torch.no_grad()
 def evaluate(policy: LMPolicy, env, episodes: int, seed: int, history: int, greedy: bool = True) -> dict[str, float]:
@@ -597,54 +647,6 @@ def set_rng_state(state: dict, rng: np.random.Generator) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     rng.bit_generator.state = state["generator"]
-
-
-# Settings of how a run computes, not what: a resumed run takes them from the command line when given there.
-RESUME_OVERRIDES = (
-    "cuda", "track", "wandb_project_name", "wandb_entity", "torch_threads", "policy.device", "policy.dtype",
-    "policy.micro_batch", "policy.trunk_cache_mb", "policy.attn_implementation",
-)
-
-
-def flat_fields(obj, prefix: str = "") -> dict:
-    """A (nested) dataclass as {"policy.micro_batch": value, ...}."""
-    out = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(flat_fields(value, f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = value
-    return out
-
-
-def resume_args(cli, saved, keep: tuple[str, ...], argv: Optional[list[str]] = None):
-    """The arguments of a resumed run: the checkpoint's own (`saved`), with `keep` (--resume, the new total) and any
-    RESUME_OVERRIDES given on the command line (`cli`) taken from there. Those settings say how a run computes, not
-    what (device, micro-batch, threads, server), so a run can go on on another machine. Any other flag that differs
-    from the checkpoint is ignored, with a warning: a resumed run keeps its algorithm's settings."""
-    argv = sys.argv[1:] if argv is None else argv
-    default, given, old = flat_fields(type(cli)()), flat_fields(cli), flat_fields(saved)
-    for key, value in given.items():
-        prefix, _, name = key.rpartition(".")
-        negated = f"{prefix}.no-{name}" if prefix else f"no-{name}"  # tyro's --no-flag / --policy.no-flag
-        flags = {f"--{key}", f"--{key.replace('_', '-')}", f"--{negated.replace('_', '-')}"}
-        named = any(a.split("=")[0] in flags for a in argv)
-        if key in keep or key not in old or value == old[key] or (value == default[key] and not named):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if key in RESUME_OVERRIDES:
-            target = saved
-            for part in prefix.split(".") if prefix else []:
-                target = getattr(target, part)
-            setattr(target, name, value)
-            print(f"resuming with {flag} {value} (the checkpoint had {old[key]})")
-        else:
-            print(f"warning: {flag} {value} ignored: the resumed run keeps the checkpoint's {old[key]}",
-                  file=sys.stderr)  # fmt: skip
-    for key in keep:
-        setattr(saved, key, getattr(cli, key))
-    return saved
 
 
 if __name__ == "__main__":
