@@ -1410,15 +1410,15 @@ def resume_args(cli, saved, keep: tuple[str, ...], argv: Optional[list[str]] = N
         if key in keep or key not in old or value == old[key] or (value == default[key] and not named):
             continue
         flag = "--" + key.replace("_", "-")
+        shown, was = ("***", "***") if "api_key" in key else (value, old[key])  # no secrets in logs
         if key in RESUME_OVERRIDES:
             target = saved
             for part in prefix.split(".") if prefix else []:
                 target = getattr(target, part)
             setattr(target, name, value)
-            print(f"resuming with {flag} {value} (the checkpoint had {old[key]})")
+            print(f"resuming with {flag} {shown} (the checkpoint had {was})")
         else:
-            print(f"warning: {flag} {value} ignored: the resumed run keeps the checkpoint's {old[key]}",
-                  file=sys.stderr)  # fmt: skip
+            print(f"warning: {flag} {shown} ignored: the resumed run keeps the checkpoint's {was}", file=sys.stderr)
     for key in keep:
         setattr(saved, key, getattr(cli, key))
     return saved

@@ -54,3 +54,13 @@ def test_resume_can_set_an_execution_setting_back_to_its_default(script, total, 
     argv += [flag, str(default)]
     reset = script.resume_args(tyro.cli(script.Args, args=argv), saved, keep=("resume", total), argv=argv)
     assert getattr(group_of(reset, flag), name) == default
+
+
+def test_resume_prints_no_api_key(capsys):
+    saved = dqn_prior.Args()
+    saved.prior.api_key = "sk-old-secret"
+    argv = ["--resume", "ckpt.pt", "--prior.api-key", "sk-new-secret"]
+    args = dqn_prior.resume_args(tyro.cli(dqn_prior.Args, args=argv), saved, keep=("resume",), argv=argv)
+    assert args.prior.api_key == "sk-new-secret"
+    out, err = capsys.readouterr()
+    assert "resuming with --prior.api-key ***" in out and "secret" not in out + err
