@@ -46,7 +46,17 @@ import numpy as np
 import torch
 import tyro
 
-from cql_prior import Agent, LLMPrior, PriorArgs, candidate_sets, default_history, load_dataset, make_env, write_dataset
+from cql_prior import (
+    Agent,
+    LLMPrior,
+    PriorArgs,
+    candidate_sets,
+    default_history,
+    load_dataset,
+    make_env,
+    saved_args,
+    write_dataset,
+)
 
 KINDS = ("expert", "noisy", "random", "prior")
 
@@ -267,7 +277,7 @@ if __name__ == "__main__":
     header = {
         "env": args.env, "prior": prior.identity if prior else None, "k": args.k if prior else 0,
         "prior_seed": args.seed if prior else None, "history": history_len if prior else None,
-        "prior_args": dataclasses.asdict(args.prior) if prior else None,
+        "prior_args": saved_args(args)["prior"] if prior else None,  # (no API key)
         "source": "build_dataset.py", "seed": args.seed, "split": args.split,
         "mix": dataclasses.asdict(args.mix), "success_share_target": args.success_share,
         "transitions": len(records), "episodes": len(episodes), "successful_episodes": kept_successes,

@@ -1444,7 +1444,24 @@ def ppo_loss(
             "kl_to_prior": reduce(kl), "approx_kl": reduce(approx_kl), "clipfrac": reduce(clipped_frac)}  # fmt: skip
 
 
-# ---------------- Resuming a run ----------------
+# ---------------- Saved arguments and resuming ----------------
+SECRETS = ("prior.api_key",)  # never written to args.json, TensorBoard, wandb, a checkpoint or a dataset
+
+
+def saved_args(args) -> dict:
+    """`args` as the dict a run writes (args.json, TensorBoard, wandb, checkpoints), with SECRETS blanked: a resumed
+    run takes its API key from --prior.api-key or $OPENAI_API_KEY again."""
+    out = dataclasses.asdict(args)
+    for key in SECRETS:
+        *path, name = key.split(".")
+        group = out
+        for part in path:
+            group = group.get(part, {})
+        if group.get(name) is not None:
+            group[name] = None
+    return out
+
+
 def flat_fields(obj, prefix: str = "") -> dict:
     """A (nested) dataclass as {"policy.micro_batch": value, ...}."""
     out = {}
@@ -1472,7 +1489,7 @@ def resume_args(cli, saved, keep: tuple[str, ...], argv: Optional[list[str]] = N
         if key in keep or key not in old or value == old[key] or (value == default[key] and not named):
             continue
         flag = "--" + key.replace("_", "-")
-        shown, was = ("***", "***") if "api_key" in key else (value, old[key])  # no secrets in logs
+        shown, was = ("***", "***") if key in SECRETS else (value, old[key])  # no secrets in logs
         if key in RESUME_OVERRIDES:
             target = saved
             for part in prefix.split(".") if prefix else []:
@@ -1636,16 +1653,16 @@ if __name__ == "__main__":
     run_dir = os.path.join(args.runs_dir, run_name)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
+        json.dump(saved_args(args), f, indent=2)
 
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=dataclasses.asdict(args), name=run_name, save_code=True)  # fmt: skip
+                   config=saved_args(args), name=run_name, save_code=True)  # fmt: skip
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-        f"|{key}|{value}|" for key, value in dataclasses.asdict(args).items()))  # fmt: skip
+        f"|{key}|{value}|" for key, value in saved_args(args).items()))  # fmt: skip
 
     # TRY NOT TO MODIFY: seeding
     if args.torch_threads:
@@ -1694,7 +1711,7 @@ if __name__ == "__main__":
         slot.start(seed, actions)
 
     def snapshot() -> dict:
-        return {"args": dataclasses.asdict(args), "run_name": run_name, "policy": policy.trainable_state_dict(),
+        return {"args": saved_args(args), "run_name": run_name, "policy": policy.trainable_state_dict(),
                 "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": rng_state(rng), "iteration": iteration,
                 "global_step": global_step, "next_episode": next_episode, "covered": covered,
                 "coverage_states": coverage_states, "best_eval": best_eval, "recent_returns": list(recent_returns),

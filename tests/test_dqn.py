@@ -3,6 +3,7 @@
 import glob
 import http.server
 import json
+import os
 
 import numpy as np
 import pytest
@@ -108,12 +109,14 @@ class FlakyServer(http.server.BaseHTTPRequestHandler):
     """An OpenAI-compatible completions server that answers `budget` requests, then drops every connection."""
 
     budget = 0
+    authorization: list[str] = []  # the Authorization header of every request
 
     def log_message(self, *args):
         pass
 
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FlakyServer.authorization.append(self.headers.get("Authorization"))
         if FlakyServer.budget <= 0:
             self.close_connection = True  # the client sees the connection drop, as when a server dies
             return
@@ -128,12 +131,14 @@ class FlakyServer(http.server.BaseHTTPRequestHandler):
 
 
 def test_llm_server_failure_is_clear_and_loses_nothing(tmp_path):
-    """The server dies mid-run: the script names the server, checkpoints, and a resume (server back) goes on."""
+    """The server dies mid-run: the script names the server, checkpoints, and a resume (server back) goes on. The
+    API key reaches the server but no file the run writes; the resuming command line gives it again."""
     with serve_http(FlakyServer) as server:
-        FlakyServer.budget = 6
+        FlakyServer.budget, FlakyServer.authorization = 6, []
         prior = ["--prior.backend", "openai", "--prior.base-url", f"http://127.0.0.1:{server.server_port}/v1",
                  "--prior.model", "fake", "--prior.mode", "map", "--prior.unmatched", "last",
-                 "--prior.cache", "memory", "--prior.max-retries", "1", "--prior.timeout", "5"]  # fmt: skip
+                 "--prior.cache", "memory", "--prior.max-retries", "1", "--prior.timeout", "5",
+                 "--prior.api-key", "sk-test-secret"]  # fmt: skip
         failed = run_script("--env", "frozenlake", "--k", "3", "--total-timesteps", "60", "--runs-dir", str(tmp_path),
                             "--learning-starts", "5", "--train-frequency", "2", *prior, check=False)  # fmt: skip
         assert failed.returncode != 0
@@ -142,9 +147,14 @@ def test_llm_server_failure_is_clear_and_loses_nothing(tmp_path):
         ckpt_path = glob.glob(str(tmp_path / "*" / "checkpoint.pt"))[0]
         ckpt = torch.load(ckpt_path, weights_only=False)
         assert 0 < ckpt["global_step"] < 60 and ckpt["buffer"]["size"] == ckpt["global_step"]
-        FlakyServer.budget = 10_000
-        resumed = summary_of(run_script("--resume", ckpt_path, "--total-timesteps", "60"))
-        assert resumed["global_step"] == 60
+        assert FlakyServer.authorization and set(FlakyServer.authorization) == {"Bearer sk-test-secret"}
+        files = [p for p in glob.glob(str(tmp_path / "**" / "*"), recursive=True) if os.path.isfile(p)]
+        written = [open(p, "rb").read() for p in files]  # args.json, TensorBoard events, checkpoint
+        assert written and not any(b"sk-test-secret" in data for data in written)
+        FlakyServer.budget, FlakyServer.authorization = 10_000, []
+        resumed = run_script("--resume", ckpt_path, "--total-timesteps", "60", "--prior.api-key", "sk-test-secret")
+        assert summary_of(resumed)["global_step"] == 60 and "sk-test-secret" not in resumed.stdout + resumed.stderr
+        assert set(FlakyServer.authorization) == {"Bearer sk-test-secret"}
 
 
 @pytest.fixture(scope="module")

@@ -64,3 +64,14 @@ def test_resume_prints_no_api_key(capsys):
     assert args.prior.api_key == "sk-new-secret"
     out, err = capsys.readouterr()
     assert "resuming with --prior.api-key ***" in out and "secret" not in out + err
+
+
+@pytest.mark.parametrize("script", [dqn_prior, cql_prior, gflan_prior], ids=lambda s: s.__name__)
+def test_saved_args_never_hold_the_api_key(script):
+    """What a run writes (args.json, TensorBoard, wandb, checkpoints, build_dataset's header) has no API key."""
+    args = script.Args()
+    args.prior.api_key, args.prior.base_url = "sk-secret", "http://host:1/v1"
+    saved = script.saved_args(args)
+    assert saved["prior"]["api_key"] is None and saved["prior"]["base_url"] == "http://host:1/v1"
+    assert args.prior.api_key == "sk-secret"  # the run itself keeps it
+    assert "sk-secret" not in str(saved)

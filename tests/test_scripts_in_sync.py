@@ -15,7 +15,7 @@ SHARED = {
     "LLM action prior": ["cql_prior.py", "gflan_prior.py"],
     "Q-network over a frozen text encoder": ["cql_prior.py"],
     "LM policy (GLAM)": ["bc.py"],  # gflan_prior.py's copy is the reference for this one
-    "Resuming a run": ["cql_prior.py", "gflan_prior.py", "bc.py"],  # each script's own RESUME_OVERRIDES stay apart
+    "Saved arguments and resuming": ["cql_prior.py", "gflan_prior.py", "bc.py"],  # each script's own RESUME_OVERRIDES stay apart
 }
 SOURCE = {"LM policy (GLAM)": "gflan_prior.py"}
 
