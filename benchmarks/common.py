@@ -115,6 +115,23 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+SECRET_FLAGS = ("--prior.api-key", "--prior.api_key")
+
+
+def hide_secrets(cmd: list) -> list[str]:
+    """A command line as it may be printed or stored: the value of an API-key flag becomes ***."""
+    out = []
+    for i, arg in enumerate(map(str, cmd)):
+        flag, eq, _ = arg.partition("=")
+        if i and str(cmd[i - 1]) in SECRET_FLAGS:
+            out.append("***")
+        elif eq and flag in SECRET_FLAGS:
+            out.append(f"{flag}=***")
+        else:
+            out.append(arg)
+    return out
+
+
 def show_path(arg) -> str:
     """An argument as a reader should see it: paths inside the repo relative to it."""
     arg = str(arg)
@@ -154,7 +171,7 @@ def run_jobs(jobs: list[Job], entry_dir: str, extra: Iterable[str] = (), dry_run
         ckpt = os.path.join(run_dir, "checkpoint.pt") if run_dir else None
         if ckpt and os.path.exists(ckpt):  # every script takes --resume <its checkpoint.pt>
             cmd += ["--resume", ckpt]
-        shown = "python " + shlex.join(map(show_path, cmd))
+        shown = "python " + shlex.join(map(show_path, hide_secrets(cmd)))  # what is printed and kept
         if dry_run:
             print(shown)
             continue

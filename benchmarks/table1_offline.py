@@ -33,7 +33,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ROOT, Job, aggregate, common_parser, fmt, markdown_table, prior_args, results_path,  # noqa: E402
-                    run_jobs, save_results, show_path)  # fmt: skip
+                    hide_secrets, run_jobs, save_results, show_path)  # fmt: skip
 
 ENTRY = "table1_offline"
 METHODS = {  # method -> (script, arguments)
@@ -82,7 +82,7 @@ def ensure_datasets(specs: list[str], data_dir: str, extra: list[str], dry_run: 
         if os.path.exists(path):
             continue
         cmd = build_command(spec, path, extra, workers)
-        print(("" if dry_run else "building dataset: ") + "python " + " ".join(map(show_path, cmd)), flush=True)
+        print(("" if dry_run else "building dataset: ") + "python " + " ".join(map(show_path, hide_secrets(cmd))), flush=True)
         if dry_run:
             continue
         os.makedirs(data_dir, exist_ok=True)

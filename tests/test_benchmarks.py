@@ -250,3 +250,13 @@ def test_terminating_the_driver_stops_its_run_so_that_it_can_checkpoint(tmp_path
     _, err = driver.communicate(timeout=60)
     assert driver.returncode != 0 and "rerun the same command to resume" in err
     assert (job_dir / "checkpointed").exists()
+
+
+def test_printed_and_stored_commands_hide_the_api_key(capsys):
+    """A key passed through to the scripts (`-- --prior.api-key ...`) is never printed or written by an entry."""
+    assert common.hide_secrets(["a.py", "--prior.api-key", "sk-1", "--prior.api-key=sk-2", "--k", "5"]) == [
+        "a.py", "--prior.api-key", "***", "--prior.api-key=***", "--k", "5"]  # fmt: skip
+    assert table1_offline.main(["--budget", "small", "--dry-run", "--runs-dir", "/nonexistent/runs", "--results-dir",
+                                "/nonexistent/results", "--", "--prior.api-key", "sk-secret"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "--prior.api-key ***" in printed and "sk-secret" not in printed
