@@ -82,7 +82,8 @@ def ensure_datasets(specs: list[str], data_dir: str, extra: list[str], dry_run: 
         if os.path.exists(path):
             continue
         cmd = build_command(spec, path, extra, workers)
-        print(("" if dry_run else "building dataset: ") + "python " + " ".join(map(show_path, hide_secrets(cmd))), flush=True)
+        shown = "python " + " ".join(map(show_path, hide_secrets(cmd)))
+        print(("" if dry_run else "building dataset: ") + shown, flush=True)
         if dry_run:
             continue
         os.makedirs(data_dir, exist_ok=True)
