@@ -113,7 +113,7 @@ class Args:
     checkpoint_freq: int = 1000
     """write `runs/{run_name}/checkpoint.pt` every this many gradient steps (and at the end)"""
     resume: Optional[str] = None
-    """path of a checkpoint to resume from (continues its run directory up to --total-steps)"""
+    """path of a checkpoint to resume from (continues its run directory up to its own or a new --total-steps)"""
     eval_freq: int = 500
     """evaluate every this many gradient steps (and at the end); the authors: 500"""
     eval_episodes: int = 10
@@ -179,11 +179,11 @@ class Args:
     """where run directories go"""
 
 
-# Settings of how a run computes, not what it computes: a resumed run takes these from its command line (the
-# rest from its checkpoint), so a run can go on on another machine. See resume_args.
+# What a resumed run takes from its command line when given there (the rest comes from its checkpoint): its length,
+# and settings of how it computes, not what, so that a run can go on longer or on another machine. See resume_args.
 RESUME_OVERRIDES = (
-    "cuda", "track", "wandb_project_name", "wandb_entity", "torch_threads", "prior.device", "prior.dtype",
-    "prior.base_url", "prior.api_key", "prior.timeout", "prior.max_retries", "prior.cache_path",
+    "total_steps", "cuda", "track", "wandb_project_name", "wandb_entity", "torch_threads", "prior.device",
+    "prior.dtype", "prior.base_url", "prior.api_key", "prior.timeout", "prior.max_retries", "prior.cache_path",
 )
 
 
@@ -1413,10 +1413,10 @@ def flat_fields(obj, prefix: str = "") -> dict:
 
 
 def resume_args(cli, saved, keep: tuple[str, ...], argv: Optional[list[str]] = None):
-    """The arguments of a resumed run: the checkpoint's own (`saved`), with `keep` (--resume, the new total) and any
-    RESUME_OVERRIDES given on the command line (`cli`) taken from there. Those settings say how a run computes, not
-    what (device, micro-batch, threads, server), so a run can go on on another machine. Any other flag that differs
-    from the checkpoint is ignored, with a warning: a resumed run keeps its algorithm's settings."""
+    """The arguments of a resumed run: the checkpoint's own (`saved`), with `keep` (--resume) and any RESUME_OVERRIDES
+    given on the command line (`cli`) taken from there. Those are the run's length and settings of how it computes,
+    not what (device, micro-batch, threads, server), so a run can go on longer or on another machine. Any other flag
+    that differs from the checkpoint is ignored, with a warning: a resumed run keeps its algorithm's settings."""
     argv = sys.argv[1:] if argv is None else argv
     default, given, old = flat_fields(type(cli)()), flat_fields(cli), flat_fields(saved)
     for key, value in given.items():
@@ -1524,7 +1524,7 @@ if __name__ == "__main__":
     if ckpt is not None:
         saved = Args(**{**ckpt["args"], "prior": PriorArgs(**ckpt["args"]["prior"]),
                        "eval_prior": EvalPriorArgs(**ckpt["args"]["eval_prior"])})  # fmt: skip
-        args = resume_args(args, saved, keep=("resume", "total_steps"))
+        args = resume_args(args, saved, keep=("resume",))
     if args.dataset is None:
         raise SystemExit("cql_prior.py needs --dataset PATH (an offline dataset: build_dataset.py writes one)")
     try:

@@ -97,7 +97,7 @@ class Args:
     checkpoint_freq: int = 500
     """write `runs/{run_name}/checkpoint.pt` every this many env steps (and at the end)"""
     resume: Optional[str] = None
-    """path of a checkpoint to resume from (continues its run directory up to --total-timesteps)"""
+    """path of a checkpoint to resume from (continues its run directory up to its own or a new --total-timesteps)"""
     eval_freq: int = 250
     """evaluate every this many env steps (and at the end)"""
     progress_secs: float = 30.0
@@ -166,11 +166,11 @@ class Args:
     """where run directories go"""
 
 
-# Settings of how a run computes, not what it computes: a resumed run takes these from its command line (the
-# rest from its checkpoint), so a run can go on on another machine. See resume_args.
+# What a resumed run takes from its command line when given there (the rest comes from its checkpoint): its length,
+# and settings of how it computes, not what, so that a run can go on longer or on another machine. See resume_args.
 RESUME_OVERRIDES = (
-    "cuda", "track", "wandb_project_name", "wandb_entity", "prior.device", "prior.dtype", "prior.base_url",
-    "prior.api_key", "prior.timeout", "prior.max_retries", "prior.cache_path",
+    "total_timesteps", "cuda", "track", "wandb_project_name", "wandb_entity", "prior.device", "prior.dtype",
+    "prior.base_url", "prior.api_key", "prior.timeout", "prior.max_retries", "prior.cache_path",
 )
 
 
@@ -1194,10 +1194,10 @@ def flat_fields(obj, prefix: str = "") -> dict:
 
 
 def resume_args(cli, saved, keep: tuple[str, ...], argv: Optional[list[str]] = None):
-    """The arguments of a resumed run: the checkpoint's own (`saved`), with `keep` (--resume, the new total) and any
-    RESUME_OVERRIDES given on the command line (`cli`) taken from there. Those settings say how a run computes, not
-    what (device, micro-batch, threads, server), so a run can go on on another machine. Any other flag that differs
-    from the checkpoint is ignored, with a warning: a resumed run keeps its algorithm's settings."""
+    """The arguments of a resumed run: the checkpoint's own (`saved`), with `keep` (--resume) and any RESUME_OVERRIDES
+    given on the command line (`cli`) taken from there. Those are the run's length and settings of how it computes,
+    not what (device, micro-batch, threads, server), so a run can go on longer or on another machine. Any other flag
+    that differs from the checkpoint is ignored, with a warning: a resumed run keeps its algorithm's settings."""
     argv = sys.argv[1:] if argv is None else argv
     default, given, old = flat_fields(type(cli)()), flat_fields(cli), flat_fields(saved)
     for key, value in given.items():
@@ -1305,7 +1305,7 @@ if __name__ == "__main__":
     if ckpt is not None:
         saved = Args(**{**ckpt["args"], "prior": PriorArgs(**ckpt["args"]["prior"]),
                        "eval_prior": EvalPriorArgs(**ckpt["args"]["eval_prior"])})  # fmt: skip
-        args = resume_args(args, saved, keep=("resume", "total_timesteps"))
+        args = resume_args(args, saved, keep=("resume",))
         run_name = ckpt["run_name"]
     else:
         run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"

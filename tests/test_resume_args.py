@@ -32,8 +32,8 @@ def test_resume_takes_execution_settings_from_the_command_line(script, total, fl
     argv = ["--resume", "ckpt.pt", f"--{total.replace('_', '-')}", "20", "--learning-rate", "5e-4", "--no-cuda",
             flag, str(new_value)]  # fmt: skip
     cli = tyro.cli(script.Args, args=argv)  # the flags exactly as tyro names them
-    args = script.resume_args(cli, saved, keep=("resume", total), argv=argv)
-    assert args.resume == "ckpt.pt" and getattr(args, total) == 20  # kept from the command line
+    args = script.resume_args(cli, saved, keep=("resume",), argv=argv)
+    assert args.resume == "ckpt.pt" and getattr(args, total) == 20  # from the command line
     assert getattr(group_of(args, flag), name) == new_value and args.cuda is False  # execution settings: taken
     assert args.learning_rate == 1e-3  # an algorithm setting: the checkpoint's, with a warning
     out, err = capsys.readouterr()
@@ -49,10 +49,10 @@ def test_resume_can_set_an_execution_setting_back_to_its_default(script, total, 
     saved = script.Args(**{total: 10})
     setattr(group_of(saved, flag), name, changed)
     argv = ["--resume", "ckpt.pt"]
-    kept = script.resume_args(tyro.cli(script.Args, args=argv), saved, keep=("resume", total), argv=argv)
+    kept = script.resume_args(tyro.cli(script.Args, args=argv), saved, keep=("resume",), argv=argv)
     assert getattr(group_of(kept, flag), name) == changed
     argv += [flag, str(default)]
-    reset = script.resume_args(tyro.cli(script.Args, args=argv), saved, keep=("resume", total), argv=argv)
+    reset = script.resume_args(tyro.cli(script.Args, args=argv), saved, keep=("resume",), argv=argv)
     assert getattr(group_of(reset, flag), name) == default
 
 
@@ -75,3 +75,12 @@ def test_saved_args_never_hold_the_api_key(script):
     assert saved["prior"]["api_key"] is None and saved["prior"]["base_url"] == "http://host:1/v1"
     assert args.prior.api_key == "sk-secret"  # the run itself keeps it
     assert "sk-secret" not in str(saved)
+
+
+@pytest.mark.parametrize("script, total, flag, name", CASES, ids=[c[0].__name__ for c in CASES])
+def test_resume_without_a_new_total_runs_to_the_checkpoints(script, total, flag, name):
+    """`--resume ckpt` alone finishes the interrupted run: its total is the checkpoint's, not the flag's default."""
+    saved = script.Args(**{total: 10})
+    argv = ["--resume", "ckpt.pt"]
+    args = script.resume_args(tyro.cli(script.Args, args=argv), saved, keep=("resume",), argv=argv)
+    assert getattr(args, total) == 10
