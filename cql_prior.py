@@ -1412,9 +1412,9 @@ def flat_fields(obj, prefix: str = "") -> dict:
     return out
 
 
-def resume_args(cli, saved, keep: tuple[str, ...], argv: Optional[list[str]] = None):
-    """The arguments of a resumed run: the checkpoint's own (`saved`), with `keep` (--resume) and any RESUME_OVERRIDES
-    given on the command line (`cli`) taken from there. Those are the run's length and settings of how it computes,
+def resume_args(cli, saved, argv: Optional[list[str]] = None):
+    """The arguments of a resumed run: the checkpoint's own (`saved`), with --resume and any RESUME_OVERRIDES given on
+    the command line (`cli`) taken from there. Those are the run's length and settings of how it computes,
     not what (device, micro-batch, threads, server), so a run can go on longer or on another machine. Any other flag
     that differs from the checkpoint is ignored, with a warning: a resumed run keeps its algorithm's settings."""
     argv = sys.argv[1:] if argv is None else argv
@@ -1424,7 +1424,7 @@ def resume_args(cli, saved, keep: tuple[str, ...], argv: Optional[list[str]] = N
         negated = f"{prefix}.no-{name}" if prefix else f"no-{name}"  # tyro's --no-flag / --policy.no-flag
         flags = {f"--{key}", f"--{key.replace('_', '-')}", f"--{negated.replace('_', '-')}"}
         named = any(a.split("=")[0] in flags for a in argv)
-        if key in keep or key not in old or value == old[key] or (value == default[key] and not named):
+        if key == "resume" or key not in old or value == old[key] or (value == default[key] and not named):
             continue
         flag = "--" + key.replace("_", "-")
         shown, was = ("***", "***") if key in SECRETS else (value, old[key])  # no secrets in logs
@@ -1436,8 +1436,7 @@ def resume_args(cli, saved, keep: tuple[str, ...], argv: Optional[list[str]] = N
             print(f"resuming with {flag} {shown} (the checkpoint had {was})")
         else:
             print(f"warning: {flag} {shown} ignored: the resumed run keeps the checkpoint's {was}", file=sys.stderr)
-    for key in keep:
-        setattr(saved, key, getattr(cli, key))
+    saved.resume = cli.resume
     return saved
 
 
@@ -1524,7 +1523,7 @@ if __name__ == "__main__":
     if ckpt is not None:
         saved = Args(**{**ckpt["args"], "prior": PriorArgs(**ckpt["args"]["prior"]),
                        "eval_prior": EvalPriorArgs(**ckpt["args"]["eval_prior"])})  # fmt: skip
-        args = resume_args(args, saved, keep=("resume",))
+        args = resume_args(args, saved)
     if args.dataset is None:
         raise SystemExit("cql_prior.py needs --dataset PATH (an offline dataset: build_dataset.py writes one)")
     try:

@@ -32,7 +32,7 @@ def test_resume_takes_execution_settings_from_the_command_line(script, total, fl
     argv = ["--resume", "ckpt.pt", f"--{total.replace('_', '-')}", "20", "--learning-rate", "5e-4", "--no-cuda",
             flag, str(new_value)]  # fmt: skip
     cli = tyro.cli(script.Args, args=argv)  # the flags exactly as tyro names them
-    args = script.resume_args(cli, saved, keep=("resume",), argv=argv)
+    args = script.resume_args(cli, saved, argv=argv)
     assert args.resume == "ckpt.pt" and getattr(args, total) == 20  # from the command line
     assert getattr(group_of(args, flag), name) == new_value and args.cuda is False  # execution settings: taken
     assert args.learning_rate == 1e-3  # an algorithm setting: the checkpoint's, with a warning
@@ -49,10 +49,10 @@ def test_resume_can_set_an_execution_setting_back_to_its_default(script, total, 
     saved = script.Args(**{total: 10})
     setattr(group_of(saved, flag), name, changed)
     argv = ["--resume", "ckpt.pt"]
-    kept = script.resume_args(tyro.cli(script.Args, args=argv), saved, keep=("resume",), argv=argv)
+    kept = script.resume_args(tyro.cli(script.Args, args=argv), saved, argv=argv)
     assert getattr(group_of(kept, flag), name) == changed
     argv += [flag, str(default)]
-    reset = script.resume_args(tyro.cli(script.Args, args=argv), saved, keep=("resume",), argv=argv)
+    reset = script.resume_args(tyro.cli(script.Args, args=argv), saved, argv=argv)
     assert getattr(group_of(reset, flag), name) == default
 
 
@@ -60,7 +60,7 @@ def test_resume_prints_no_api_key(capsys):
     saved = dqn_prior.Args()
     saved.prior.api_key = "sk-old-secret"
     argv = ["--resume", "ckpt.pt", "--prior.api-key", "sk-new-secret"]
-    args = dqn_prior.resume_args(tyro.cli(dqn_prior.Args, args=argv), saved, keep=("resume",), argv=argv)
+    args = dqn_prior.resume_args(tyro.cli(dqn_prior.Args, args=argv), saved, argv=argv)
     assert args.prior.api_key == "sk-new-secret"
     out, err = capsys.readouterr()
     assert "resuming with --prior.api-key ***" in out and "secret" not in out + err
@@ -82,5 +82,5 @@ def test_resume_without_a_new_total_runs_to_the_checkpoints(script, total, flag,
     """`--resume ckpt` alone finishes the interrupted run: its total is the checkpoint's, not the flag's default."""
     saved = script.Args(**{total: 10})
     argv = ["--resume", "ckpt.pt"]
-    args = script.resume_args(tyro.cli(script.Args, args=argv), saved, keep=("resume",), argv=argv)
+    args = script.resume_args(tyro.cli(script.Args, args=argv), saved, argv=argv)
     assert getattr(args, total) == 10
