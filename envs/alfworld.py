@@ -19,6 +19,14 @@ With ``expert=True`` every ``info["expert_action"]`` holds the planner's next ac
 step). With ``expert=False`` (the default, for training) it is None, but ``env.expert_action()`` still
 computes it on demand.
 
+Reproducibility: the text is a function of the game file and the game state. TextWorld's PDDL grammar takes
+the first applicable rule of each symbol (it draws nothing), objects are numbered in sorted id order, and
+``reset(seed=...)`` picks the games; so a seed gives the same observations, tasks and admissible actions in any
+process, whatever ``PYTHONHASHSEED``. A task's wording is fixed when its game file is written:
+``alfworld-generate`` (``add_task_to_grammar``) draws "put a cellphone in armchair." or "put some cellphone on
+armchair." from Python's global ``random``, so a data folder rewritten in every process without seeding ``random``
+changes the wording from one process to the next. Write the data once (or seed ``random``) and reuse it.
+
 Differences from ALFWorld's loader: games are sorted by path (``os.walk``'s order is the filesystem's);
 the movable/sliced filter looks at the path below the split folder, not the whole path, so a data folder
 named e.g. ``~/Sliced`` does not hide every game.
@@ -196,6 +204,7 @@ class _MemoGrammar(ContextSensitiveGrammar):
             rule for rule in rules
             if not rule.condition or any(True for _ in state.all_assignments(_condition(rule.condition), mapping))
         ]
+        # The first applicable rule, as TextWorld: drawing one would make the text vary between processes.
         symbols = deepcopy(applicable[0].rhs)
         for symbol in symbols:
             symbol.context = textgen.copy_context(start.context)

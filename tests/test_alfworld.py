@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from helpers import ROOT
 pytest.importorskip("alfworld")
 pytest.importorskip("fast_downward")
 
+import alfworld.gen.goal_library as goal_library  # noqa: E402
 import textworld  # noqa: E402
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler  # noqa: E402
 from alfworld.agents.utils.misc import add_task_to_grammar  # noqa: E402
@@ -302,6 +304,61 @@ def test_engine_matches_textworld_stock_engine(games_dir):
             action = rng.choice(info["admissible_actions"])
             obs, _, _, _, info = env.step(action)
             state, _, _ = stock.step(action)
+
+
+def real_layout_with_task_alternatives(games_dir: Path, root: Path) -> Path:
+    """The generated pick games (train and unseen) in one train split of alfworld-download's tree, each grammar's
+    #task# rule holding every templated wording of its task ("put a cellphone in armchair.", "put some cellphone on
+    armchair."): text that a drawn rule would vary."""
+    for k, game_file in enumerate(find_games(games_dir, "train", "pick") + find_games(games_dir, "unseen", "pick")):
+        params = json.loads((Path(game_file).parent / "traj_data.json").read_text())["pddl_params"]
+        task_folder = f"pick_and_place_simple-{params['object_target']}-None-{params['parent_target']}-{k}"
+        folder = root / "json_2.1.1" / "train" / task_folder / "trial_T1"
+        copy_game(Path(game_file), folder)
+        wordings = [t.format(obj=params["object_target"].lower(), recep=params["parent_target"].lower(), toggle="",
+                             mrecep="") for t in goal_library.gdict[alfworld_gen.PICK]["templates"]]
+        rules = ", ".join(json.dumps({"rhs": f"Your task is to: {w}."}) for w in wordings)
+        game = json.loads((folder / "game.tw-pddl").read_text())
+        game["grammar"], n = re.subn(r'\{\s*"rhs": "Your task is to: [^"]*"\s*\}', rules, game["grammar"])
+        assert n == 1 and len(wordings) > 1
+        (folder / "game.tw-pddl").write_text(json.dumps(game))
+    return root
+
+
+PLAY_SEEDED_EPISODES = """
+import json, random, sys
+from envs.alfworld import ALFWorldEnv
+env, rng, record = ALFWorldEnv("pick", data_dir=sys.argv[1]), random.Random(0), []
+for episode in range(env.num_games + 2):
+    obs, info = env.reset(seed=3 if episode == 0 else None)
+    record.append([info["game_file"], obs, info["task"], info["admissible_actions"]])
+    for _ in range(3):
+        obs, _, _, _, info = env.step(rng.choice(info["admissible_actions"]))
+        record.append([obs, info["admissible_actions"]])
+print(json.dumps(record))
+"""
+
+
+def test_same_seed_same_text_in_every_process(games_dir, tmp_path):
+    """reset(seed=s) and the episodes after it must read the same in any process: the prior's caches, the
+    Q-network's inputs and the offline datasets are keyed by this text."""
+    data_dir = real_layout_with_task_alternatives(games_dir, tmp_path)
+    records = []
+    for hash_seed in ("0", "1", "random"):
+        out = subprocess.run(
+            [sys.executable, "-c", PLAY_SEEDED_EPISODES, str(data_dir)], cwd=ROOT, capture_output=True, text=True,
+            timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": hash_seed},
+        )
+        assert out.returncode == 0, out.stderr
+        records.append(json.loads(out.stdout))
+    assert records[1] == records[0] and records[2] == records[0]
+    episodes = [r for r in records[0] if len(r) == 4]
+    assert len({game_file for game_file, *_ in episodes}) == 4  # every game was played
+    for game_file, obs, task, _ in episodes:
+        # TextWorld takes a symbol's first applicable rule: the first wording, whatever the process
+        params = json.loads((Path(game_file).parent / "traj_data.json").read_text())["pddl_params"]
+        assert task == f"put a {params['object_target'].lower()} in {params['parent_target'].lower()}."
+        assert obs.endswith(f"Your task is to: {task}")
 
 
 def test_cli_runs_expert_and_random_agents(games_dir):
