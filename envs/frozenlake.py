@@ -30,11 +30,12 @@ class FrozenLakeTextEnv(TextEnv):
         map_name: str | None = "4x4",
         desc: list[str] | None = None,
         random_map_size: int | None = None,
-        map_seed: int | None = None,
+        map_seed: int = 0,
         max_steps: int | None = None,
     ) -> None:
         super().__init__()
         if desc is None and random_map_size is not None:
+            # Never unseeded: gymnasium would draw a new map in every process.
             desc = generate_random_map(size=random_map_size, seed=map_seed)
         if desc is None:
             if map_name not in MAPS:

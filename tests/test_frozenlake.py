@@ -96,3 +96,6 @@ def test_random_map_is_seeded():
     a = envs.make("frozenlake", random_map_size=5, map_seed=7).desc
     b = envs.make("frozenlake", random_map_size=5, map_seed=7).desc
     assert a == b and len(a) == 5
+    # Without map_seed the map is seed 0's, not a new one in each process.
+    unseeded = envs.make("frozenlake", random_map_size=5).desc
+    assert unseeded == envs.make("frozenlake", random_map_size=5, map_seed=0).desc
