@@ -110,8 +110,8 @@ def rollout(env, kind: str, rng: np.random.Generator, epsilon: float, reset_seed
             agent: Optional[Agent] = None) -> tuple[list[dict], bool, int]:  # fmt: skip
     """One episode of behaviour `kind` -> (transitions without episode id or proposals, success, expert misses).
 
-    Each transition also carries `_expert`, the expert's action at s (None where the env has none), for the
-    coverage statistics; it is not written to the dataset."""
+    Each transition also carries `_expert` and `_next_expert`, the expert's action at s and s' (None where the env has
+    none), for the coverage statistics and the synthetic prior; they are not written to the dataset."""
     obs, info = env.reset(seed=reset_seed)
     history: list[tuple[str, str]] = []
     records, misses, done = [], 0, False
@@ -131,7 +131,7 @@ def rollout(env, kind: str, rng: np.random.Generator, epsilon: float, reset_seed
             "step": len(history), "task": info["task"], "obs": obs, "admissible": admissible, "action": action,
             "reward": float(reward), "next_obs": next_obs, "next_admissible": list(next_info["admissible_actions"]),
             "terminated": bool(terminated), "truncated": bool(truncated), "proposals": None, "next_proposals": None,
-            "_expert": expert})  # fmt: skip
+            "_expert": expert, "_next_expert": next_info.get("expert_action")})  # fmt: skip
         history.append((obs, action))
         obs, info, done = next_obs, next_info, terminated or truncated
     return records, bool(info.get("success", False)), misses
@@ -206,7 +206,8 @@ if __name__ == "__main__":
     if args.k == 0:
         args.prior.mode = "none"
     rng = np.random.default_rng(args.seed)
-    needs_expert = args.mix.expert > 0 or args.mix.noisy > 0
+    # the synthetic prior proposes from the expert's action; coverage statistics compare against it
+    needs_expert = args.mix.expert > 0 or args.mix.noisy > 0 or (args.k > 0 and args.prior.backend == "synthetic")
     env = make_env(args.env, split=args.split, expert=needs_expert)
     history_len = args.prior.history if args.prior.history is not None else default_history(args.env)
     prior = LLMPrior(args.prior, seed=args.seed) if args.k > 0 else None

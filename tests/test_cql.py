@@ -125,12 +125,18 @@ class FakeEncoder:
 def test_offline_data_rows_are_the_proposals():
     """The logsumexp rows of a transition are the stored proposals at s, the Bellman rows those at s'."""
     records = [
-        {"task": "t", "obs": "s0", "action": "a", "reward": 0.0, "terminated": False, "next_obs": "s1"},
-        {"task": "t", "obs": "s1", "action": "c", "reward": 1.0, "terminated": True, "next_obs": "s2"},
+        {"task": "t", "obs": "s0", "action": "a", "reward": 0.0, "terminated": False, "truncated": False,
+         "next_obs": "s1"},
+        {"task": "t", "obs": "s1", "action": "c", "reward": 1.0, "terminated": True, "truncated": False,
+         "next_obs": "s2"},
+        {"task": "t", "obs": "s3", "action": "c", "reward": 0.0, "terminated": False, "truncated": True,
+         "next_obs": "s4"},
     ]
-    cands = [["b", "b", "d"], ["c"]]  # "a" (the data action) is not proposed at s0
-    next_cands = [["c", "e"], []]
+    cands = [["b", "b", "d"], ["c"], ["c"]]  # "a" (the data action) is not proposed at s0
+    next_cands = [["c", "e"], [], ["c"]]
     enc = FakeEncoder()
+    # the episode cap ends the TD target unless bootstrap_time_limit
+    assert OfflineData("overcooked-salad", records, cands, next_cands, enc, True).terminated.tolist() == [0, 1, 0]
     data = OfflineData("overcooked-salad", records, cands, next_cands, enc)
     text = lambda i: enc.texts[i]  # noqa: E731
     assert text(data.sa[0]) == feature_text("overcooked-salad", "t", "s0", "a")
@@ -138,15 +144,15 @@ def test_offline_data_rows_are_the_proposals():
     assert row == [feature_text("overcooked-salad", "t", "s0", a) for a in ["b", "b", "d"]]
     nxt = [text(i) for i, m in zip(data.next_sa[0], data.next_mask[0]) if m]
     assert nxt == [feature_text("overcooked-salad", "t", "s1", a) for a in ["c", "e"]]
-    assert not data.next_mask[1].any() and data.terminated.tolist() == [0.0, 1.0]
-    assert data.data_in_set.tolist() == [False, True]
+    assert not data.next_mask[1].any() and data.terminated.tolist() == [0.0, 1.0, 1.0]
+    assert data.data_in_set.tolist() == [False, True, True]
 
 
 # ---- verbatim copies -------------------------------------------------------------------------------------------------
 SHARED = ["EvalPriorArgs", "PriorArgs", "default_history", "build_prompt", "project_to_admissible", "ProposalCache",
           "resolve_model", "materialize_gguf", "TransformersBackend", "VLLMBackend", "OpenAIBackend", "LLMPrior",
           "resolve_encoder", "feature_text", "TextEncoder", "QNetwork", "td_target", "td_loss", "write_dataset",
-          "Agent", "evaluate", "save_checkpoint", "rng_state", "set_rng_state", "make_env"]  # fmt: skip
+          "select_action", "Agent", "evaluate", "save_checkpoint", "rng_state", "set_rng_state", "make_env"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", SHARED)

@@ -107,7 +107,7 @@ class CountingPrior:
     def __init__(self):
         self.prompts = []
 
-    def propose(self, prompt, admissible, k):
+    def propose(self, prompt, admissible, k, expert=None):
         self.prompts.append(prompt)
         return list(admissible[:k])
 
