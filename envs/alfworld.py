@@ -183,6 +183,21 @@ def _condition(text: str) -> textworld.logic.Rule:
     return _CONDITIONS[text]
 
 
+def _derive_conditional(symbol: textgen.ConditionalSymbol) -> list:
+    """textgen.ConditionalSymbol.derive (and its `query`) with the condition parsed once: TatSu parsed it again at
+    every use, about a quarter of an ALFWorld step."""
+    context = textgen.copy_context(symbol.context)
+    contexts = [context]
+    if symbol.given:
+        contexts = []
+        for mapping in context["state"].all_assignments(_condition(symbol.given), context["mapping"]):
+            matched = textgen.copy_context(context)
+            matched["variables"].update({ph.name: matched["entity_infos"][var.name] for ph, var in mapping.items()})
+            matched["mapping"].update(mapping)
+            contexts.append(matched)
+    return [symbol.expression.copy(c) for c in contexts]
+
+
 class _MemoGrammar(ContextSensitiveGrammar):
     """TextWorld's text grammar, parsing each template and rule condition once rather than at every use.
 
@@ -223,7 +238,12 @@ class _MemoGrammar(ContextSensitiveGrammar):
                 derived.append(symbol)
             elif isinstance(symbol, textgen.NonterminalSymbol):
                 derivation += self.replace(symbol)[::-1]
-            elif isinstance(symbol, (textgen.ConditionalSymbol, textgen.EvalSymbol, textgen.ListSymbol)):
+            elif isinstance(symbol, textgen.ConditionalSymbol):
+                derivation += _derive_conditional(symbol)[::-1]
+            elif isinstance(symbol, textgen.ListSymbol) and isinstance(symbol.symbol, textgen.ConditionalSymbol):
+                symbol.symbol.context = symbol.context
+                derivation += textgen.display_list(_derive_conditional(symbol.symbol), symbol.context)[::-1]
+            elif isinstance(symbol, (textgen.EvalSymbol, textgen.ListSymbol)):
                 derivation += symbol.derive()[::-1]
             else:
                 raise NotImplementedError(f"Unknown symbol: {type(symbol)}")
