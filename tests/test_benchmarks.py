@@ -18,6 +18,7 @@ import fig3_online  # noqa: E402
 import fig4_ablations  # noqa: E402
 import plot  # noqa: E402
 import prior_quality  # noqa: E402
+import prior_sweep  # noqa: E402
 import table1_offline  # noqa: E402
 import table2_generalisation  # noqa: E402
 import table12_cache  # noqa: E402
@@ -133,7 +134,8 @@ def test_smallest_dataset_reaching_a_return():
 
 
 def test_every_entry_has_three_budgets_and_a_dry_run(capsys):
-    for entry in (fig3_online, fig4_ablations, table1_offline, table2_generalisation, table12_cache, prior_quality):
+    for entry in (fig3_online, fig4_ablations, table1_offline, table2_generalisation, table12_cache, prior_quality,
+                  prior_sweep):
         assert set(entry.BUDGET) == set(common.BUDGETS), entry.__name__
         for budget in common.BUDGETS:
             assert entry.main(["--budget", budget, "--dry-run", "--runs-dir", "/nonexistent/runs",
@@ -220,6 +222,25 @@ def test_smoke_prior_quality(smoke, monkeypatch):
     # the expert's states: the expert action is always admissible
     states = prior_quality.expert_states("overcooked-tomato", 1, 10_000)
     assert len(states) == int(rows[0]["states"]) and all(s["expert"] in s["admissible"] for s in states)
+
+
+def test_smoke_prior_sweep(smoke):
+    """Each Q gets its own dataset (the same transitions, other proposals); the baselines run once per seed."""
+    argv = ["--budget", "smoke", *smoke["dirs"], "--data-dir", str(smoke["base"] / "sweep_data")]
+    assert prior_sweep.main(argv) == 0
+    rows = read_rows(smoke, "prior_sweep_smoke")
+    assert [(r["part"], r["algo"], r["q"]) for r in rows] == [
+        ("online", "DQN-Prior", "0.0"), ("online", "DQN-Prior", "1.0"), ("online", "DQN", ""),
+        ("offline", "CQL-Prior", "0.0"), ("offline", "CQL-Prior", "1.0"), ("offline", "DQN-Prior", "0.0"),
+        ("offline", "DQN-Prior", "1.0"), ("offline", "CQL", "")]  # fmt: skip
+    assert all("--prior.synthetic-q" in r["command"] for r in rows if r["q"])
+    # a perfect prior proposes only the expert's action: the expert's coverage, and its evaluation
+    perfect = [r for r in rows if r["q"] == "1.0"]
+    assert all(float(r["prior_coverage"]) == 1.0 for r in perfect if r["part"] == "online")
+    assert all(float(r["final_success"]) == 1.0 for r in perfect)
+    headers = [json.loads(open(p).readline()) for p in sorted(glob.glob(str(smoke["base"] / "sweep_data" / "*.jsonl")))]
+    assert sorted(h["prior"] for h in headers) == ["synthetic:q=0:dist", "synthetic:q=1:dist"]
+    assert len({h["transitions"] for h in headers}) == 1
 
 
 def test_terminating_the_driver_stops_its_run_so_that_it_can_checkpoint(tmp_path):
