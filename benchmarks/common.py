@@ -40,6 +40,12 @@ class Job:
     args: list = field(default_factory=list)
 
     @property
+    def without_prior(self) -> bool:
+        """`--k 0`: DQN, CQL, GFlan."""
+        args = list(map(str, self.args))
+        return any(a == "--k" and v == "0" for a, v in zip(args, args[1:]))
+
+    @property
     def name(self) -> str:
         return "__".join(f"{v}" for v in self.key.values()).replace("/", "-").replace(":", "-").replace(" ", "")
 
@@ -63,11 +69,13 @@ def common_parser(doc: str) -> argparse.ArgumentParser:
 
 # The extra arguments an entry passes to every run, minus those a script does not have ("--x." is a prefix).
 NOT_TAKEN = {
-    "dqn_prior.py": ("--policy.",),
+    "dqn_prior.py": ("--policy.", "--eval-k", "--eval-prior-model", "--load-model", "--allow-mismatch"),
     "cql_prior.py": ("--policy.",),
-    "gflan_prior.py": ("--encoder", "--encoder-pooling", "--eval-prior.", "--eval-k"),
-    "bc.py": ("--prior.", "--eval-prior.", "--k", "--eval-k", "--encoder", "--encoder-pooling"),
-}
+    "gflan_prior.py": ("--encoder", "--eval-k", "--eval-prior-model", "--load-model", "--allow-mismatch",
+                       "--authors-code"),
+    "bc.py": ("--prior.", "--k", "--eval-k", "--eval-prior-model", "--encoder", "--authors-code", "--load-model",
+              "--allow-mismatch"),
+}  # fmt: skip
 
 
 def split_args(extra: list, flags: tuple) -> tuple[list, list]:
@@ -163,7 +171,10 @@ def run_jobs(jobs: list[Job], entry_dir: str, extra: Iterable[str] = (), dry_run
     failed, extra = [], list(extra)
     for i, job in enumerate(jobs, 1):
         job_dir = os.path.join(entry_dir, job.name)
-        cmd = job.command(job_dir) + drop_args(extra, NOT_TAKEN.get(job.script, ()))
+        not_taken = NOT_TAKEN.get(job.script, ())
+        if job.without_prior:  # a prior-free baseline refuses prior flags it would ignore
+            not_taken += ("--prior.",)
+        cmd = job.command(job_dir) + drop_args(extra, not_taken)
         if finished(job_dir):
             print(f"[{i}/{len(jobs)}] done already: {job.name}", flush=True)
             continue

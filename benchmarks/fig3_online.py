@@ -28,7 +28,7 @@ ENTRY = "fig3_online"
 ALGOS = {  # algo -> (script, arguments)
     "dqn": ("dqn_prior.py", ["--k", "0"]),
     "dqn_prior": ("dqn_prior.py", ["--k", "5"]),
-    "gflan": ("gflan_prior.py", ["--kl-coef", "0"]),
+    "gflan": ("gflan_prior.py", ["--k", "0"]),
     "gflan_prior": ("gflan_prior.py", ["--k", "5"]),
     "gflan_prior_subas": ("gflan_prior.py", ["--k", "5", "--kl-coef", "0", "--sub-action-space"]),  # Eq. 26
 }

@@ -60,9 +60,11 @@ def jobs_for(budget: str, ablations: list[str], env=None, seeds=None, steps=None
         for value in values:
             for seed in seeds or b_seeds:
                 e = env or b_env
+                # a KL coefficient of 0 is GFlan: no prior at all
+                setting = ["--k", "0"] if name == "kl" and value == 0 else [*fixed, flag, value]
                 jobs.append(Job({"ablation": name, "value": value, "env": e, "seed": seed}, script, [
                     "--env", e, "--seed", seed, "--exp-name", f"{name}{value}", "--total-timesteps", steps or b_steps,
-                    "--eval-freq", eval_freq, "--eval-episodes", episodes, *fixed, flag, value,
+                    "--eval-freq", eval_freq, "--eval-episodes", episodes, *setting,
                     *(SMOKE_ARGS[script] if budget == "smoke" else [])]))  # fmt: skip
     return jobs
 

@@ -28,6 +28,7 @@ commit); `python benchmarks/plot.py` draws results/prior_sweep.png.
 """
 
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,8 +38,12 @@ from table1_offline import dataset_path, ensure_datasets  # noqa: E402
 
 ENTRY = "prior_sweep"
 ONLINE = {"DQN-Prior": ["--k", "5"], "DQN": ["--k", "0"]}  # dqn_prior.py
-OFFLINE = {"CQL-Prior": [], "DQN-Prior": ["--cql-beta", "0"], "CQL": ["--k", "0"]}  # cql_prior.py
-BASELINES = ("DQN", "CQL")  # prior-free: one run per seed, not one per Q
+# cql_prior.py. CQL twice: with the default balance (TD summed over the batch, the authors' code, under which CQL-Prior
+# does best) and with β against the batch-mean TD, a ~128x stronger penalty, under which CQL over every action does
+# best (docs/cql_prior.md): each baseline at its better setting.
+OFFLINE = {"CQL-Prior": [], "DQN-Prior": ["--cql-beta", "0"], "CQL": ["--k", "0"],
+           "CQL (mean TD)": ["--k", "0", "--loss-reduction", "mean"]}  # fmt: skip
+BASELINES = ("DQN", "CQL", "CQL (mean TD)")  # prior-free: one run per seed, not one per Q
 BUDGET = {
     "smoke": dict(qs=[0.0, 1.0], seeds=[1],
                   online={"overcooked-tomato": dict(steps=24, eval_freq=24, eval_episodes=1)},
@@ -90,7 +95,8 @@ def offline_jobs(b: dict, envs: list[str], qs: list[float], seeds: list[int], da
                 data_q = qs[0] if q is None else q  # a baseline ignores the stored proposals: any dataset will do
                 for seed in seeds:
                     args = ["--dataset", dataset_path(data_dir, spec, synthetic(data_q)), *common, "--seed", seed,
-                            "--exp-name", algo.lower(), *algo_args, *(synthetic(q) if q is not None else [])]  # fmt: skip
+                            "--exp-name", re.sub(r"\W+", "-", algo.lower()).strip("-"), *algo_args,
+                            *(synthetic(q) if q is not None else [])]  # fmt: skip
                     jobs.append(Job({"part": "offline", "env": spec, "algo": algo, "q": q, "seed": seed},
                                     "cql_prior.py", args))  # fmt: skip
     return jobs

@@ -37,7 +37,7 @@ def jobs_for(budget: str, entry_dir: str, env: str, seeds: list[int]) -> list[Jo
     for seed in seeds:
         disk_cache = os.path.join(entry_dir, f"cache_seed{seed}.sqlite")  # shared by `disk` and `warm` only
         for variant, kind in [*VARIANTS.items(), ("warm", "disk")]:
-            cache = ["--prior.cache", kind] + (["--prior.cache-path", disk_cache] if kind == "disk" else [])
+            cache = ["--prior.cache", disk_cache if kind == "disk" else kind]
             jobs.append(Job({"variant": variant, "env": env, "seed": seed}, "dqn_prior.py", [
                 "--env", env, "--seed", seed, "--exp-name", f"cache-{variant}", "--total-timesteps", b["steps"],
                 "--eval-freq", b["eval_freq"], "--eval-episodes", 1, "--k", 5, *cache, *b["extra"]]))  # fmt: skip
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     entry_dir = os.path.join(args.runs_dir, ENTRY, args.budget)
     jobs = jobs_for(args.budget, entry_dir, args.env, args.seeds or [1])
     if any("--prior.cache" in a for a in args.extra):
-        parser.error("the variants set --prior.cache and --prior.cache-path themselves")
+        parser.error("the variants set --prior.cache themselves")
     failed = [] if args.collect_only else run_jobs(jobs, entry_dir, args.extra, args.dry_run)
     if args.dry_run:
         return 0

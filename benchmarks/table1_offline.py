@@ -39,6 +39,8 @@ ENTRY = "table1_offline"
 METHODS = {  # method -> (script, arguments)
     "DQN": ("cql_prior.py", ["--k", "0", "--cql-beta", "0"]),
     "CQL": ("cql_prior.py", ["--k", "0"]),
+    # CQL with β against the batch-mean TD (a ~128x stronger penalty): its better setting (docs/cql_prior.md)
+    "CQL (mean TD)": ("cql_prior.py", ["--k", "0", "--loss-reduction", "mean"]),
     "DQN-Prior": ("cql_prior.py", ["--cql-beta", "0"]),
     "CQL-Prior": ("cql_prior.py", []),
     "BC": ("bc.py", []),
@@ -53,7 +55,7 @@ BUDGET = {
     "smoke": dict(datasets=["overcooked-salad:40"], methods=list(METHODS), seeds=[1], steps=10, bc_steps=2, eval_freq=10, bc_eval_freq=2,
                   eval_episodes=1, alfworld_eval_freq=10),
     "small": dict(datasets=["overcooked-salad:1000", "overcooked-salad:4000", "alfworld-pick:1500"],
-                  methods=["DQN", "CQL", "DQN-Prior", "CQL-Prior"], seeds=[1, 2, 3],
+                  methods=["DQN", "CQL", "CQL (mean TD)", "DQN-Prior", "CQL-Prior"], seeds=[1, 2, 3],
                   steps=5000, bc_steps=100, eval_freq=500, bc_eval_freq=50, eval_episodes=3, alfworld_eval_freq=2500),
     "paper": dict(datasets=[f"overcooked-salad:{n}" for n in (1000, 4000, 8000, 12000, 24000)] + ["alfworld-pick:6500"],
                   methods=list(METHODS), seeds=[1, 2, 3], steps=10_000, bc_steps=2000, eval_freq=500, bc_eval_freq=250, eval_episodes=10,
@@ -69,9 +71,9 @@ def dataset_path(data_dir: str, spec: str, extra: list[str]) -> str:
 
 def build_command(spec: str, path: str, extra: list[str], workers: int = 1) -> list[str]:
     env, n = spec.split(":")
-    history = ["--prior.history", "0"] if "--prior.history" not in extra else []  # one query per distinct state
-    return ["build_dataset.py", "--env", env, "--transitions", n, "--out", path, "--workers", str(workers), *history,
-            *prior_args(extra)]  # fmt: skip
+    # prompt history 0: most transitions share a prompt, i.e. one LLM query per distinct state
+    return ["build_dataset.py", "--env", env, "--transitions", n, "--out", path, "--workers", str(workers), "--history",
+            "0", *prior_args(extra)]  # fmt: skip
 
 
 def ensure_datasets(specs: list[str], data_dir: str, extra: list[str], dry_run: bool, workers: int = 1) -> list[str]:

@@ -10,7 +10,7 @@ alone: the Q-network has nothing to choose from. Writes results/table2_generalis
     python benchmarks/table2_generalisation.py --budget paper -- --prior.model Qwen/Qwen1.5-7B --prior.backend vllm
 
 `embedded` is the training prior's model (the embedded Gemma-3-270M unless `-- --prior.model` says otherwise);
-any other name goes to `--eval-prior.model` (e.g. `smollm2`, the other embedded LLM, or a hub id).
+any other name goes to `--eval-prior-model` (e.g. `smollm2`, the other embedded LLM, or a hub id).
 
 Budgets:
     smoke  Salad(40) (no unseen split), 10 gradient steps, k in {1, 2}, the training prior, 1 episode
@@ -55,7 +55,7 @@ def eval_jobs(b: dict, spec: str, path: str, trained: dict, ks: list[int], model
         q = os.path.join(run_dir, "q_network.pt") if run_dir else f"<the seed-{seed} training run>/q_network.pt"
         for model in models:
             for k in ks:
-                model_args = [] if model == "embedded" else ["--eval-prior.model", model]
+                model_args = [] if model == "embedded" else ["--eval-prior-model", model]
                 key = {"stage": "eval", "dataset": spec, "seed": seed, "eval_model": model, "eval_k": k}
                 jobs.append(Job(key, "cql_prior.py", [
                     "--dataset", path, "--seed", seed, "--exp-name", f"eval-k{k}", "--total-steps", 0,

@@ -362,7 +362,7 @@ def solve(game_file: str | os.PathLike, engine=None) -> list[str] | None:
 
 def _make_engine():
     # envs.alfworld imports this module; its engine is TextWorld's PddlEnv without the repeated parsing.
-    from envs.alfworld import make_engine
+    from envs.alfworld_engine import make_engine
 
     return make_engine(cache_size=1)
 

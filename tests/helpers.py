@@ -17,10 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- running the scripts ---------------------------------------------------------------------------------------------
-def run_script(script, *argv, check=True):
-    """Run `python <ROOT>/<script> *argv` from the repository root; with `check`, a failure shows the output's end."""
+def run_script(script, *argv, check=True, env=None):
+    """Run `python <ROOT>/<script> *argv` from the repository root (with `env` added to the environment); with
+    `check`, a failure shows the output's end."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, capture_output=True,
-                            text=True)  # fmt: skip
+                            text=True, env={**os.environ, **(env or {})})  # fmt: skip
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result

@@ -152,7 +152,7 @@ def smoke(tiny_model, tmp_path_factory):
     lm = tiny_model("llama", CORPUS, name="bench-llama")
     base = tmp_path_factory.mktemp("bench")
     dirs = ["--runs-dir", str(base / "runs"), "--results-dir", str(base / "results")]
-    models = ["--", "--prior.model", lm, "--prior.cache-path", str(base / "cache.sqlite"), "--policy.model", lm]
+    models = ["--", "--prior.model", lm, "--prior.cache", str(base / "cache.sqlite"), "--policy.model", lm]
     return {"base": base, "dirs": dirs, "models": models, "lm": lm}
 
 
@@ -166,7 +166,9 @@ def test_smoke_fig3_online_runs_resumes_and_records_commands(smoke):
     assert fig3_online.main(argv) == 0
     rows = read_rows(smoke, "fig3_online_smoke")
     assert [(r["algo"], r["steps"]) for r in rows] == [("dqn", "24"), ("dqn_prior", "24"), ("gflan_prior", "24")]
-    assert all(r["command"].startswith("python ") and "--prior.model" in r["command"] and r["commit"] for r in rows)
+    assert all(r["command"].startswith("python ") and r["commit"] for r in rows)
+    # the prior's flags reach the runs with a prior, not DQN (--k 0), which refuses them
+    assert ["--prior.model" in r["command"] for r in rows] == [False, True, True]
     assert float(rows[0]["peak_rss_mb"]) > 0
     assert "--policy.model" not in rows[0]["command"]  # dqn_prior.py has no LM policy
     curves = read_rows(smoke, "fig3_online_smoke_curves")
@@ -181,9 +183,9 @@ def test_smoke_table1_and_table2_share_the_dataset(smoke):
     argv = ["--budget", "smoke", *smoke["dirs"], "--data-dir", str(smoke["base"] / "data")]
     assert table1_offline.main([*argv, *smoke["models"]]) == 0
     rows = read_rows(smoke, "table1_offline_smoke")
-    assert [r["method"] for r in rows] == ["DQN", "CQL", "DQN-Prior", "CQL-Prior", "BC"]
+    assert [r["method"] for r in rows] == ["DQN", "CQL", "CQL (mean TD)", "DQN-Prior", "CQL-Prior", "BC"]
     assert all(r["final_return"] != "" for r in rows)
-    assert float(rows[3]["data_action_in_proposals"]) <= 1.0 and rows[1]["data_action_in_proposals"] == "1.0"
+    assert float(rows[4]["data_action_in_proposals"]) <= 1.0 and rows[1]["data_action_in_proposals"] == "1.0"
     datasets = glob.glob(str(smoke["base"] / "data" / "*.jsonl"))
     assert len(datasets) == 1  # built once, with the tiny prior's proposals stored
     assert json.loads(open(datasets[0]).readline())["prior"].startswith("transformers:")
@@ -211,17 +213,24 @@ def test_smoke_table12_and_fig4(smoke):
                                                            ("gradient_steps", "20")]  # fmt: skip
 
 
-def test_smoke_prior_quality(smoke, monkeypatch):
+def test_smoke_prior_quality(smoke):
+    """Coverage@k, the expert's probability and its equivalent Q, read from build_dataset.py's expert datasets; a
+    labelled variant adds its rows."""
     argv = ["--budget", "smoke", *smoke["dirs"], "--models", smoke["lm"], "--modes", "dist", "map", "--ks", "1", "5"]
     assert prior_quality.main(argv) == 0
     rows = read_rows(smoke, "prior_quality_smoke")
     assert [(r["env"], r["mode"]) for r in rows] == [("overcooked-tomato", "dist"), ("overcooked-tomato", "map")]
     for r in rows:
-        assert 0.0 <= float(r["coverage@1"]) <= float(r["coverage@5"]) <= 1.0 and int(r["states"]) > 3
-    assert 0.0 < float(rows[0]["expert_prob"]) < 1.0 and rows[1]["expert_prob"] == ""
-    # the expert's states: the expert action is always admissible
-    states = prior_quality.expert_states("overcooked-tomato", 1, 10_000)
-    assert len(states) == int(rows[0]["states"]) and all(s["expert"] in s["admissible"] for s in states)
+        assert 0.0 <= float(r["coverage@1"]) <= float(r["coverage@5"]) <= 1.0 and int(r["states"]) >= 5
+        assert r["command"].startswith("python build_dataset.py") and "--mix.expert 1" in r["command"]
+    p, u, q = float(rows[0]["expert_prob"]), float(rows[0]["uniform_prob"]), float(rows[0]["equivalent_q"])
+    assert 0 < p < 1 and u == 0.2 and q == pytest.approx((p - u) / (1 - u), abs=2e-3)
+    assert rows[1]["expert_prob"] == "" and rows[1]["expert_rank"] == ""
+    assert prior_quality.main([*argv[:-6], "--models", smoke["lm"], "--label", "mixed", "--", "--prior.uniform-mix",
+                               "1"]) == 0  # fmt: skip
+    rows = read_rows(smoke, "prior_quality_smoke")
+    assert [r["label"] for r in rows] == ["default", "default", "mixed"]
+    assert float(rows[2]["equivalent_q"]) == pytest.approx(0.0, abs=1e-9)  # all uniform
 
 
 def test_smoke_prior_sweep(smoke):
@@ -232,7 +241,7 @@ def test_smoke_prior_sweep(smoke):
     assert [(r["part"], r["algo"], r["q"]) for r in rows] == [
         ("online", "DQN-Prior", "0.0"), ("online", "DQN-Prior", "1.0"), ("online", "DQN", ""),
         ("offline", "CQL-Prior", "0.0"), ("offline", "CQL-Prior", "1.0"), ("offline", "DQN-Prior", "0.0"),
-        ("offline", "DQN-Prior", "1.0"), ("offline", "CQL", "")]  # fmt: skip
+        ("offline", "DQN-Prior", "1.0"), ("offline", "CQL", ""), ("offline", "CQL (mean TD)", "")]  # fmt: skip
     assert all("--prior.synthetic-q" in r["command"] for r in rows if r["q"])
     # a perfect prior proposes only the expert's action: the expert's coverage, and its evaluation
     perfect = [r for r in rows if r["q"] == "1.0"]

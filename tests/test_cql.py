@@ -1,11 +1,10 @@
-"""cql_prior.py: the Eq. 7 loss against hand-computed values, the candidate sets it is taken over, the parts shared
-verbatim with dqn_prior.py, and subprocess runs of build_dataset.py + cql_prior.py (a tiny random LM as the prior;
-the embedded Gemma-3-270M in the slow test)."""
+"""cql_prior.py: the Eq. 7 loss against hand-computed values, the candidate sets it is taken over, and runs of
+build_dataset.py + cql_prior.py (a tiny random LM as the prior; the embedded Gemma-3-270M in the slow test)."""
 
 import glob
-import inspect
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -13,8 +12,8 @@ from helpers import last_json
 from helpers import run_script as run
 
 import cql_prior
-import dqn_prior
-from cql_prior import OfflineData, cql_loss, feature_text
+from cql_prior import OfflineData, cql_loss
+from llmprior.prompts import feature_text
 
 
 # ---- the loss (Eq. 7) ------------------------------------------------------------------------------------------------
@@ -34,7 +33,7 @@ TD = 0.5 * ((1.0 - 1.5) ** 2 + (0.0 - 1.0) ** 2) / 2  # ½·mean squared TD erro
 def test_cql_prior_loss_hand_computed():
     cand_q = torch.tensor([[1.0, 2.0], [0.0, -1.0]])  # Q of the proposals
     mask = torch.ones(2, 2, dtype=torch.bool)
-    loss, td, penalty = cql_loss(Q_SA, TARGET, cand_q, mask, beta=5.0)
+    loss, td, penalty = cql_loss(Q_SA, TARGET, cand_q, mask, beta=5.0, reduction="mean")
     expected_penalty = ((lse(1, 2) - 1) + (lse(0, -1) - 0)) / 2
     assert td.item() == pytest.approx(TD)
     assert penalty.item() == pytest.approx(expected_penalty)
@@ -42,7 +41,7 @@ def test_cql_prior_loss_hand_computed():
 
 
 def test_plain_cql_loss_takes_every_admissible_action():
-    loss, td, penalty = cql_loss(Q_SA, TARGET, torch.tensor(Q_ALL), torch.tensor(MASK_ALL), beta=5.0)
+    loss, td, penalty = cql_loss(Q_SA, TARGET, torch.tensor(Q_ALL), torch.tensor(MASK_ALL), beta=5.0, reduction="mean")
     expected_penalty = ((lse(1, 2, 5, 0) - 1) + (lse(0, 3, -1) - 0)) / 2  # the padded -9 is not an action
     assert penalty.item() == pytest.approx(expected_penalty)
     assert loss.item() == pytest.approx(TD + 5.0 * expected_penalty)
@@ -91,17 +90,30 @@ def test_data_action_joins_the_set_where_not_proposed_and_duplicates_count():
 
 def test_beta_zero_is_half_td_and_reductions():
     cand_q, mask = torch.tensor([[1.0, 2.0], [0.0, -1.0]]), torch.ones(2, 2, dtype=torch.bool)
-    loss, td, _ = cql_loss(Q_SA, TARGET, cand_q, mask, beta=0.0)
+    loss, td, _ = cql_loss(Q_SA, TARGET, cand_q, mask, beta=0.0, reduction="mean")
     assert loss.item() == pytest.approx(TD) and td.item() == pytest.approx(TD)
     _, td_sum, _ = cql_loss(Q_SA, TARGET, cand_q, mask, beta=0.0, reduction="sum")
     assert td_sum.item() == pytest.approx(0.5 * (0.25 + 1.0))
+
+
+def test_the_default_loss_sums_the_td_term_and_averages_the_penalty():
+    """The default balance (the authors' code): ½·Σ_batch (Q − y)² + β·mean(logsumexp − Q), here with the data action
+    joining the set of state 1, where the prior did not propose it."""
+    assert cql_prior.Args().loss_reduction == "sum" and cql_prior.Args().cql_beta == 5.0
+    cand_q = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    loss, td, penalty = cql_loss(Q_SA, TARGET, cand_q, mask, 5.0, "sum", add_data_action=torch.tensor([False, True]))
+    td_hand = 0.5 * ((1.0 - 1.5) ** 2 + (0.0 - 1.0) ** 2)  # 0.625: summed, not averaged
+    penalty_hand = ((lse(1, 2) - 1) + (lse(3, -1, 0) - 0)) / 2
+    assert td.item() == pytest.approx(td_hand) and penalty.item() == pytest.approx(penalty_hand)
+    assert loss.item() == pytest.approx(td_hand + 5.0 * penalty_hand)
 
 
 def test_empty_candidate_set_adds_no_penalty_and_no_nan():
     q_sa = torch.tensor([1.0, 0.0], requires_grad=True)
     cand_q = torch.tensor([[1.0, 2.0], [7.0, 7.0]], requires_grad=True)
     mask = torch.tensor([[True, True], [False, False]])
-    loss, _, penalty = cql_loss(q_sa, TARGET, cand_q, mask, beta=5.0)
+    loss, _, penalty = cql_loss(q_sa, TARGET, cand_q, mask, beta=5.0, reduction="mean")
     loss.backward()
     assert penalty.item() == pytest.approx((lse(1, 2) - 1) / 2)
     assert torch.isfinite(q_sa.grad).all() and torch.isfinite(cand_q.grad).all()
@@ -136,7 +148,7 @@ def test_offline_data_rows_are_the_proposals():
     next_cands = [["c", "e"], [], ["c"]]
     enc = FakeEncoder()
     # the episode cap ends the TD target unless bootstrap_time_limit
-    assert OfflineData("overcooked-salad", records, cands, next_cands, enc, True).terminated.tolist() == [0, 1, 0]
+    assert OfflineData("overcooked-salad", records, cands, next_cands, enc, True).dones.tolist() == [0, 1, 0]
     data = OfflineData("overcooked-salad", records, cands, next_cands, enc)
     text = lambda i: enc.texts[i]  # noqa: E731
     assert text(data.sa[0]) == feature_text("overcooked-salad", "t", "s0", "a")
@@ -144,22 +156,8 @@ def test_offline_data_rows_are_the_proposals():
     assert row == [feature_text("overcooked-salad", "t", "s0", a) for a in ["b", "b", "d"]]
     nxt = [text(i) for i, m in zip(data.next_sa[0], data.next_mask[0]) if m]
     assert nxt == [feature_text("overcooked-salad", "t", "s1", a) for a in ["c", "e"]]
-    assert not data.next_mask[1].any() and data.terminated.tolist() == [0.0, 1.0, 1.0]
+    assert not data.next_mask[1].any() and data.dones.tolist() == [0.0, 1.0, 1.0]
     assert data.data_in_set.tolist() == [False, True, True]
-
-
-# ---- verbatim copies -------------------------------------------------------------------------------------------------
-SHARED = ["EvalPriorArgs", "PriorArgs", "default_history", "build_prompt", "project_to_admissible", "ProposalCache",
-          "resolve_model", "materialize_gguf", "TransformersBackend", "VLLMBackend", "OpenAIBackend", "LLMPrior",
-          "resolve_encoder", "feature_text", "TextEncoder", "QNetwork", "td_target", "td_loss", "write_dataset",
-          "select_action", "Agent", "evaluate", "save_checkpoint", "rng_state", "set_rng_state", "make_env"]  # fmt: skip
-
-
-@pytest.mark.parametrize("name", SHARED)
-def test_shared_parts_are_verbatim_copies_of_dqn_prior(name):
-    """STYLE.md: duplicated parts stay identical, so that `diff dqn_prior.py cql_prior.py` shows the algorithm."""
-    assert inspect.getsource(getattr(cql_prior, name)) == inspect.getsource(getattr(dqn_prior, name))
-    assert cql_prior.DATASET_FIELDS == dqn_prior.DATASET_FIELDS
 
 
 # ---- scripts ---------------------------------------------------------------------------------------------------------
@@ -187,102 +185,138 @@ def salad_k0(tmp_path_factory):
 
 
 def test_smoke_cql_without_prior_and_exact_resume(salad_k0, tmp_path):
-    """--k 0 (CQL over all admissible actions) trains and evaluates without an LLM; a run resumed from a checkpoint
-    ends with exactly the Q-network of the uninterrupted run (same seed, CPU)."""
+    """--k 0 (CQL over all admissible actions) trains and evaluates without an LLM; a run resumed from its checkpoint
+    with a longer total ends with exactly the Q-network of the run that went straight there (same seed, CPU)."""
     common = ["--dataset", salad_k0, "--k", "0", "--eval-freq", "100", "--eval-episodes", "2", "--runs-dir",
-              str(tmp_path), "--torch-threads", "1"]  # fmt: skip
+              str(tmp_path)]  # fmt: skip
     full = last_json(run("cql_prior.py", *common, "--total-steps", "200", "--exp-name", "full"), "summary ")
     assert full["global_step"] == 200 and full["prior_queries"] == 0 and full["data_action_coverage"] == 1.0
     assert {"eval/return_mean", "eval/return_std", "eval/success_rate", "best_eval_return"} <= set(full)
-    evals = [json.loads(l) for l in open(glob.glob(str(tmp_path / "*full*" / "eval.jsonl"))[0])]
+    full_dir = glob.glob(str(tmp_path / "*full*"))[0]
+    evals = [json.loads(line) for line in open(os.path.join(full_dir, "eval.jsonl"))]
     assert [e["global_step"] for e in evals] == [100, 200]
     assert full["best_eval_return"] == max(e["eval/return_mean"] for e in evals)
-    run("cql_prior.py", *common, "--total-steps", "100", "--exp-name", "part", "--checkpoint-freq", "100")
-    ckpt = glob.glob(str(tmp_path / "*part*" / "checkpoint.pt"))[0]
-    resumed = last_json(run("cql_prior.py", "--resume", ckpt, "--total-steps", "200"), "summary ")
+    run("cql_prior.py", *common, "--total-steps", "100", "--exp-name", "part")
+    part_dir = glob.glob(str(tmp_path / "*part*"))[0]
+    resumed = last_json(run("cql_prior.py", "--resume", os.path.join(part_dir, "checkpoint.pt"), "--total-steps",
+                            "200"), "summary ")  # fmt: skip
     assert resumed["global_step"] == 200 and resumed["eval/return_mean"] == full["eval/return_mean"]
-    a = torch.load(glob.glob(str(tmp_path / "*full*" / "q_network.pt"))[0])
-    b = torch.load(glob.glob(str(tmp_path / "*part*" / "q_network.pt"))[0])
+    assert open(os.path.join(part_dir, "eval.jsonl")).read() == open(os.path.join(full_dir, "eval.jsonl")).read()
+    a, b = torch.load(os.path.join(full_dir, "q_network.pt")), torch.load(os.path.join(part_dir, "q_network.pt"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # --load-model with no training only evaluates: the saved Q gives the run's final evaluation again
     again = last_json(run("cql_prior.py", *common, "--total-steps", "0", "--exp-name", "evalonly", "--load-model",
-                          glob.glob(str(tmp_path / "*full*" / "q_network.pt"))[0]), "summary ")  # fmt: skip
+                          os.path.join(full_dir, "q_network.pt")), "summary ")  # fmt: skip
     assert again["global_step"] == 0 and again["eval/return_mean"] == full["eval/return_mean"]
 
 
-def test_mismatched_or_corrupt_dataset_is_a_clear_error(salad_k0, tmp_path):
-    common = ["--dataset", salad_k0, "--k", "0", "--total-steps", "20", "--eval-episodes", "1", "--runs-dir",
-              str(tmp_path), "--torch-threads", "1"]  # fmt: skip
-    bad = run("cql_prior.py", *common, "--env", "overcooked-tomato", check=False)
-    assert bad.returncode != 0 and "does not match" in bad.stderr and "--allow-mismatch" in bad.stderr
-    assert "overcooked-salad" in bad.stderr
-    # allowed on request; --cql-beta 0 is offline DQN (no penalty in the loss)
-    dqn = last_json(run("cql_prior.py", *common, "--env", "overcooked-tomato", "--allow-mismatch", "--cql-beta", "0"),
-                    "summary ")  # fmt: skip
-    assert dqn["global_step"] == 20 and dqn["run_name"].startswith("overcooked-tomato")
+def test_a_stop_during_training_or_evaluation_resumes_exactly(salad_k0, tmp_path):
+    """SIGINT in the middle of gradient steps, and during an evaluation: the run stops at the next clean point (the
+    evaluation is dropped and redone), and the resumed run ends on exactly the uninterrupted Q and logs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+
+    common = ["--dataset", salad_k0, "--k", "0", "--eval-freq", "500", "--eval-episodes", "40", "--total-steps",
+              "1500", "--runs-dir"]  # fmt: skip
+    run("cql_prior.py", *common, str(tmp_path / "full"))
+    full_dir = glob.glob(str(tmp_path / "full" / "*"))[0]
+    for name, wait_for in (("training", "gradient step"), ("evaluation", "started")):
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cql_prior.py"), *common, str(tmp_path / name)],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        line = ""
+        while wait_for not in line:
+            line = proc.stdout.readline()
+        if name == "evaluation":
+            while "eval " not in line:  # after the first evaluation: stop inside the second, 40 episodes long
+                line = proc.stdout.readline()
+            time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 130 and "stopped by SIGINT" in err and "--resume" in err, err
+        part_dir = glob.glob(str(tmp_path / name / "*"))[0]
+        run("cql_prior.py", "--resume", os.path.join(part_dir, "checkpoint.pt"))
+        a, b = torch.load(os.path.join(full_dir, "q_network.pt")), torch.load(os.path.join(part_dir, "q_network.pt"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert open(os.path.join(part_dir, "eval.jsonl")).read() == open(os.path.join(full_dir, "eval.jsonl")).read()
+
+
+def test_mismatched_or_corrupt_dataset_is_a_clear_error(salad_k0, tiny_lm_dir, tmp_path):
+    common = ["--total-steps", "20", "--eval-episodes", "1", "--runs-dir", str(tmp_path / "runs")]
+    bad = run("cql_prior.py", "--dataset", salad_k0, "--k", "0", "--cql-beta", "-1", *common, check=False)
+    assert bad.returncode == 2 and "--cql-beta must be >= 0" in bad.stderr and not os.path.exists(tmp_path / "runs")
     cut = tmp_path / "cut.jsonl"
     text = open(salad_k0).read()
     cut.write_text(text[: len(text) // 2])
-    bad = run("cql_prior.py", "--dataset", str(cut), "--k", "0", "--runs-dir", str(tmp_path), check=False)
-    assert bad.returncode != 0 and str(cut) in bad.stderr and "truncated" in bad.stderr
-    missing = run("cql_prior.py", "--runs-dir", str(tmp_path), check=False)
-    assert missing.returncode != 0 and "--dataset" in missing.stderr
+    bad = run("cql_prior.py", "--dataset", str(cut), "--k", "0", *common, check=False)
+    assert bad.returncode == 2 and str(cut) in bad.stderr and "truncated" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = run("cql_prior.py", *common, check=False)
+    assert missing.returncode == 2 and "--dataset" in missing.stderr
 
 
 def test_smoke_prior_proposals_stored_mean_no_llm_in_training(tiny_lm_dir, tmp_path):
     """build_dataset.py stores the prior's proposals; cql_prior.py trains on them with zero LLM queries, then
     evaluates over the prior's proposals (new states query the LLM)."""
     data = tmp_path / "salad_k2.jsonl"
-    prior = ["--k", "2", "--prior.model", tiny_lm_dir, "--prior.cache", "disk", "--prior.cache-path",
-             str(tmp_path / "cache.sqlite")]  # fmt: skip
+    prior = ["--k", "2", "--prior.model", tiny_lm_dir, "--prior.cache", "memory"]
     info = last_json(run("build_dataset.py", "--transitions", "60", "--out", str(data), "--mix.prior", "0.5", *prior),
                      "dataset ")  # fmt: skip
     assert info["k"] == 2 and info["prior"].endswith(":dist") and info["prior_queries"] > 0
-    assert 0.0 <= info["data_action_in_proposals"] <= 1.0
+    assert 0.0 <= info["data_action_in_proposals"] <= 1.0 and 0 < info["expert_action_prob"] < 1
     header = json.loads(open(data).readline())
     assert header["prior_seed"] == 1 and header["history"] == 5  # Salad's default prompt history
-    records = [json.loads(l) for l in open(data).readlines()[1:]]
+    records = [json.loads(line) for line in open(data).readlines()[1:]]
     assert all(len(r["proposals"]) == 2 for r in records)
     assert all(r["next_proposals"] == [] for r in records if r["terminated"])
     common = ["--dataset", str(data), "--total-steps", "100", "--eval-freq", "100", "--eval-episodes", "1",
-              "--runs-dir", str(tmp_path), "--torch-threads", "1"]  # fmt: skip
+              "--runs-dir", str(tmp_path)]  # fmt: skip
     summary = last_json(run("cql_prior.py", *common, *prior), "summary ")
     assert summary["dataset_prior_queries"] == 0 and summary["global_step"] == 100
     assert summary["data_action_coverage"] == pytest.approx(info["data_action_in_proposals"])
-    # another k is another prior: refused, unless asked for
+    # another k, or another temperature, is another prior: refused, unless asked for
     bad = run("cql_prior.py", *common, "--k", "3", *prior[2:], check=False)
-    assert bad.returncode != 0 and "k 2 (this run: 3)" in bad.stderr
+    assert bad.returncode == 2 and "k 2 (this run: 3)" in bad.stderr
+    bad = run("cql_prior.py", *common, *prior, "--prior.dist-temperature", "1", check=False)
+    assert bad.returncode == 2 and "--prior.dist-temperature 3.0 (this run: 1.0)" in bad.stderr
+    allowed = last_json(run("cql_prior.py", *common, *prior, "--prior.dist-temperature", "1", "--allow-mismatch"),
+                        "summary ")  # fmt: skip
+    assert allowed["dataset_prior_queries"] == 0
 
 
 def test_build_dataset_workers_write_the_same_file(tiny_lm_dir, tmp_path):
     """--workers 2 shares the episodes out to two processes with their own prior: the file is the one a single process
-    writes (the in-memory cache: nothing passes between the processes but the proposals they return)."""
-    prior = ["--k", "2", "--prior.model", tiny_lm_dir, "--prior.cache", "memory", "--torch-threads", "1"]
-    common = ["--transitions", "80", "--mix.prior", "0.3", "--seed", "2", *prior]
-    one = last_json(run("build_dataset.py", *common, "--out", str(tmp_path / "one.jsonl")), "dataset ")
-    two = run("build_dataset.py", *common, "--workers", "2", "--out", str(tmp_path / "two.jsonl"))
-    assert "proposals: 2 workers" in two.stdout and "(worker 1)" in two.stdout
-    info = last_json(two, "dataset ")
-    assert info["prior_queries"] >= one["prior_queries"] > 0  # a state in both shards is queried by each worker
-    lines_one = (tmp_path / "one.jsonl").read_text().splitlines()
-    lines_two = (tmp_path / "two.jsonl").read_text().splitlines()
-    assert lines_one[1:] == lines_two[1:] and len(lines_one) > 20  # every record, proposals included
-    header_one, header_two = json.loads(lines_one[0]), json.loads(lines_two[0])
-    for h in (header_one, header_two):
-        h.pop("prior_queries")
-    assert header_one == header_two
+    writes, per-visit draws included (each episode has its own generator)."""
+    for per_visit in ([], ["--prior.per-visit"]):
+        prior = ["--k", "2", "--prior.model", tiny_lm_dir, "--prior.cache", "memory", *per_visit]
+        common = ["--transitions", "80", "--mix.prior", "0.3", "--seed", "2", *prior]
+        one = last_json(run("build_dataset.py", *common, "--out", str(tmp_path / "one.jsonl")), "dataset ")
+        two = run("build_dataset.py", *common, "--workers", "2", "--out", str(tmp_path / "two.jsonl"))
+        assert "proposals: 2 workers" in two.stdout
+        info = last_json(two, "dataset ")
+        assert info["prior_queries"] >= one["prior_queries"] > 0  # a state in both shards is queried by each worker
+        lines_one = (tmp_path / "one.jsonl").read_text().splitlines()
+        lines_two = (tmp_path / "two.jsonl").read_text().splitlines()
+        assert lines_one[1:] == lines_two[1:] and len(lines_one) > 20  # every record, proposals included
+        header_one, header_two = json.loads(lines_one[0]), json.loads(lines_two[0])
+        for h in (header_one, header_two):
+            h.pop("prior_queries"), h.pop("prior_seconds_per_query")
+        assert header_one == header_two
 
 
 @pytest.mark.slow
 def test_smoke_embedded_prior(tmp_path):
     """The embedded Gemma-3-270M fills the proposals of one expert episode; training uses them without a query."""
     data = tmp_path / "salad_gemma.jsonl"
-    prior = ["--k", "2", "--prior.history", "0", "--prior.cache-path", str(tmp_path / "cache.sqlite")]
     info = last_json(run("build_dataset.py", "--transitions", "5", "--mix.expert", "1", "--mix.noisy", "0",
-                         "--mix.random", "0", "--success-share", "None", "--out", str(data), "--torch-threads", "1",
-                         *prior), "dataset ")  # fmt: skip
+                         "--mix.random", "0", "--success-share", "None", "--out", str(data), "--k", "2", "--history",
+                         "0"), "dataset ")  # fmt: skip
     assert info["episodes"] == 1 and info["successful_episodes"] == 1 and "gemma" in info["prior"]
-    summary = last_json(run("cql_prior.py", "--dataset", str(data), "--total-steps", "50", "--eval-freq", "50",
-                            "--eval-episodes", "1", "--eval-k", "0", "--runs-dir", str(tmp_path), *prior),
+    assert info["expert_action_in_proposals"] is not None and info["expert_action_rank"] >= 1
+    summary = last_json(run("cql_prior.py", "--dataset", str(data), "--k", "2", "--total-steps", "50", "--eval-freq",
+                            "50", "--eval-episodes", "1", "--eval-k", "0", "--runs-dir", str(tmp_path)),
                         "summary ")  # fmt: skip
     assert summary["dataset_prior_queries"] == 0 and summary["prior_queries"] == 0

@@ -21,8 +21,9 @@ from test_gflan import scores_and_grads, trunk_policy
 from test_prior import CABINETS, CORPUS, PROMPT, TOMATO_ACTIONS
 from transformers import AutoModelForCausalLM
 
-import dqn_prior
-from dqn_prior import LLMPrior, PriorArgs, TextEncoder
+from dqn_prior import LLMPrior, PriorArgs
+from llmprior.backends import TransformersBackend, continuation_ids
+from llmprior.encoder import TextEncoder
 
 DEVICE = os.environ.get("LLMPRIOR_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda,
@@ -44,8 +45,12 @@ def bert_dir(tiny_model):
     return tiny_model("bert", CORPUS, name="cuda-bert", vocab_size=400, max_position_embeddings=512)
 
 
-def cuda_prior(folder, **kw) -> LLMPrior:
-    return LLMPrior(PriorArgs(model=folder, cache="off", device=DEVICE, **kw), seed=0)
+def cuda_prior(folder, dtype=None, **kw) -> LLMPrior:
+    """The prior on the device, in its default dtype (bfloat16 on a GPU that has it) or in `dtype`."""
+    prior = LLMPrior(PriorArgs(model=folder, cache="off", dist_temperature=1.0, **kw), 0, torch.device(DEVICE))
+    if dtype is not None:
+        prior.backend = TransformersBackend(folder, torch.device(DEVICE), dtype)
+    return prior
 
 
 def test_dist_scores_on_cuda_float32_match_the_cpu_reference(lm_dir):
@@ -53,10 +58,10 @@ def test_dist_scores_on_cuda_float32_match_the_cpu_reference(lm_dir):
     assert prior.backend.numerics == f"{DEVICE}:float32" and prior.backend.model.device.type == DEVICE
     cpu_model = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
     actions = CABINETS + TOMATO_ACTIONS
-    pairs = [dqn_prior._continuation_ids(prior.backend.tokenizer, PROMPT, a) for a in actions]
+    pairs = [continuation_ids(prior.backend.tokenizer, PROMPT, a) for a in actions]
     ref = np.array(reference_logliks(cpu_model, pairs))
-    np.testing.assert_allclose(prior.backend.score(PROMPT, actions), ref, atol=1e-4, rtol=0)
-    probs = prior.action_probs(PROMPT, actions)
+    np.testing.assert_allclose(prior.backend.score(PROMPT, actions)[0], ref, atol=1e-4, rtol=0)
+    probs = prior.distribution(PROMPT, actions)
     assert abs(probs.sum() - 1.0) < 1e-9
     np.testing.assert_allclose(probs, np.exp(ref - ref.max()) / np.exp(ref - ref.max()).sum(), atol=1e-4)
 
@@ -68,7 +73,7 @@ def test_bfloat16_is_the_cuda_default_and_close_to_float32(lm_dir):
     assert bf16.backend.numerics == "cuda:bfloat16"  # dtype "auto"
     fp32 = cuda_prior(lm_dir, mode="dist", dtype="float32")
     for actions in (TOMATO_ACTIONS, CABINETS + TOMATO_ACTIONS):
-        p16, p32 = bf16.action_probs(PROMPT, actions), fp32.action_probs(PROMPT, actions)
+        p16, p32 = bf16.distribution(PROMPT, actions), fp32.distribution(PROMPT, actions)
         assert abs(p16.sum() - 1.0) < 1e-6
         np.testing.assert_allclose(p16, p32, atol=0.03)
 
@@ -84,21 +89,21 @@ def test_modes_on_cuda_return_k_admissible_actions_reproducibly(lm_dir, mode):
 
 def test_encoder_on_cuda_matches_cpu(bert_dir):
     texts = [PROMPT + " " + a for a in TOMATO_ACTIONS] + CABINETS
-    gpu = TextEncoder(bert_dir, torch.device(DEVICE))
-    cpu = TextEncoder(bert_dir, torch.device("cpu"))
+    gpu = TextEncoder(bert_dir, torch.device(DEVICE), cache=False)
+    cpu = TextEncoder(bert_dir, torch.device("cpu"), cache=False)
     gpu_rows, cpu_rows = gpu.ids(texts), cpu.ids(texts)
     assert gpu.table.device.type == DEVICE
     torch.testing.assert_close(gpu.table[gpu_rows].cpu(), cpu.table[cpu_rows], atol=1e-4, rtol=1e-4)
 
 
 def tiny_args(llama_dir, bert_dir, tmp_path):
-    return ["--prior.model", llama_dir, "--encoder", bert_dir, "--no-encoder-cache", "--prior.cache", "disk",
-            "--prior.cache-path", str(tmp_path / "proposals.sqlite"), "--runs-dir", str(tmp_path)]  # fmt: skip
+    return ["--prior.model", llama_dir, "--encoder", bert_dir, "--prior.cache", str(tmp_path / "priors.sqlite"),
+            "--runs-dir", str(tmp_path)]  # fmt: skip
 
 
 def test_dqn_prior_trains_and_resumes_exactly_on_cuda(llama_dir, bert_dir, tmp_path):
     common = ["--env", "overcooked-tomato", "--k", "3", "--learning-starts", "16", "--eval-freq", "60",
-              "--eval-episodes", "1", "--checkpoint-freq", "60", *tiny_args(llama_dir, bert_dir, tmp_path)]  # fmt: skip
+              "--eval-episodes", "1", *tiny_args(llama_dir, bert_dir, tmp_path)]  # fmt: skip
     full = summary_of(run_script("dqn_prior.py", *common, "--total-timesteps", "120", "--exp-name", "full"))
     assert full["device"] == DEVICE and full["global_step"] == 120 and full["prior_queries"] > 0
     assert 0.0 <= full["prior_coverage"] <= 1.0
@@ -113,13 +118,13 @@ def test_dqn_prior_trains_and_resumes_exactly_on_cuda(llama_dir, bert_dir, tmp_p
 
 def test_build_dataset_and_cql_prior_on_cuda(llama_dir, bert_dir, tmp_path):
     data = tmp_path / "salad.jsonl"
-    prior = ["--prior.model", llama_dir, "--k", "2", "--prior.cache-path", str(tmp_path / "proposals.sqlite")]
+    prior = ["--prior.model", llama_dir, "--k", "2", "--prior.cache", str(tmp_path / "priors.sqlite")]
     info = last_json(run_script("build_dataset.py", "--transitions", "60", "--out", str(data), "--mix.prior", "0.5",
                                 *prior), "dataset ")  # fmt: skip
     assert info["prior_queries"] > 0
     summary = summary_of(run_script("cql_prior.py", "--dataset", str(data), "--total-steps", "100", "--eval-freq", "100",
-                                    "--eval-episodes", "1", "--encoder", bert_dir, "--no-encoder-cache", "--runs-dir",
-                                    str(tmp_path), *prior))  # fmt: skip
+                                    "--eval-episodes", "1", "--encoder", bert_dir, "--runs-dir", str(tmp_path),
+                                    *prior))  # fmt: skip
     assert summary["device"] == DEVICE and summary["global_step"] == 100 and summary["dataset_prior_queries"] == 0
 
 
@@ -140,7 +145,7 @@ def test_bc_trains_on_cuda(llama_dir, tmp_path):
     summary = summary_of(run_script("bc.py", "--dataset", str(tmp_path / "d.jsonl"), "--policy.model", llama_dir,
                                     "--total-steps", "6", "--batch-size", "4", "--eval-freq", "6",
                                     "--eval-episodes", "1", "--runs-dir", str(tmp_path)))  # fmt: skip
-    assert summary["device"] == DEVICE and summary["step"] == 6 and np.isfinite(summary["final_bc_loss"])
+    assert summary["device"] == DEVICE and summary["global_step"] == 6 and np.isfinite(summary["final_bc_loss"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -6,18 +6,12 @@ import json
 import pytest
 from helpers import run_script
 
+import envs
 from build_dataset import MixArgs, keep_episode, mix_weights, rollout
-from cql_prior import (
-    DATASET_FORMAT,
-    Agent,
-    DatasetError,
-    build_prompt,
-    candidate_sets,
-    dataset_mismatch,
-    load_dataset,
-    make_env,
-    write_dataset,
-)
+from cql_prior import Agent, candidate_sets, dataset_mismatch
+from llmprior.data import DATASET_FORMAT, DatasetError, load_dataset, write_dataset
+from llmprior.prompts import build_prompt
+from llmprior.runs import UserError
 
 HEADER = {"env": "overcooked-salad", "prior": "transformers:tiny:dist", "k": 2, "prior_seed": 1, "history": 1}
 
@@ -46,13 +40,6 @@ def test_round_trip(tmp_path):
     assert header == {"format": DATASET_FORMAT, "version": 1, **HEADER}
     assert loaded == records()
     assert open(path).read().endswith("\n") and not list(tmp_path.glob("*.tmp-*"))  # atomic: no temp file left
-
-
-def test_dqn_prior_writes_the_same_format(tmp_path):
-    import dqn_prior
-
-    dqn_prior.write_dataset(str(tmp_path / "d.jsonl"), dict(HEADER), records())
-    assert load_dataset(str(tmp_path / "d.jsonl"))[1] == records()
 
 
 def lines_of(path):
@@ -107,15 +94,15 @@ class CountingPrior:
     def __init__(self):
         self.prompts = []
 
-    def propose(self, prompt, admissible, k, expert=None):
+    def propose(self, prompt, admissible, k, expert=None, rng=None):
         self.prompts.append(prompt)
         return list(admissible[:k])
 
 
 def test_stored_proposals_need_no_llm_query():
     prior = CountingPrior()
-    agent = Agent("overcooked-salad", 2, prior, None, None, 1, None)
-    cands, next_cands = candidate_sets(records(), agent, use_stored=True)
+    agent = Agent("overcooked-salad", 2, prior, None, None, 1)
+    cands, next_cands = candidate_sets(records(), agent, use_stored=True, rng=None)
     assert prior.prompts == []
     assert cands == [["a", "b"], ["a", "b"], ["a", "b"]] and next_cands == [["b", "b"], [], ["b", "b"]]
 
@@ -124,8 +111,8 @@ def test_missing_proposals_are_filled_with_the_episodes_history():
     recs = [transition(0, 1, "s1", action="c", proposals=None, next_proposals=None),  # out of order on purpose
             transition(0, 0, "s0", next_proposals=None)]  # fmt: skip
     prior = CountingPrior()
-    agent = Agent("overcooked-salad", 2, prior, None, None, 1, None)
-    cands, next_cands = candidate_sets(recs, agent, use_stored=True)
+    agent = Agent("overcooked-salad", 2, prior, None, None, 1)
+    cands, next_cands = candidate_sets(recs, agent, use_stored=True, rng=None)
     assert cands == [["a", "b"], ["a", "b"]] and next_cands == [["a", "b"], ["a", "b"]]
     # s0 stored; s0' (history: s0,a), s1 (history: s0,a) and s1' (history cut to 1 pair: s1,c) queried
     expected = [build_prompt("overcooked-salad", "serve", "s0'", ["a", "b"], [("s0", "a")]),
@@ -135,28 +122,28 @@ def test_missing_proposals_are_filled_with_the_episodes_history():
 
 
 def test_plain_cql_ignores_stored_proposals():
-    agent = Agent("overcooked-salad", 0, None, None, None, 0, None)
-    cands, next_cands = candidate_sets(records(), agent, use_stored=False)
+    agent = Agent("overcooked-salad", 0, None, None, None, 0)
+    cands, next_cands = candidate_sets(records(), agent, use_stored=False, rng=None)
     assert cands == [["a", "b", "c"]] * 3 and next_cands == [["a", "b"], [], ["a", "b"]]
 
 
 def test_dataset_mismatch_names_what_differs():
-    header = {"format": DATASET_FORMAT, "version": 1, **HEADER}
-    assert dataset_mismatch(header, "overcooked-salad", "transformers:tiny:dist", 2, 1, 1) == []
-    problems = dataset_mismatch(header, "overcooked-tomato", "transformers:other:map", 5, 0, 2)
-    assert problems == ["env 'overcooked-salad' (this run: 'overcooked-tomato')",
-                        "prior 'transformers:tiny:dist' (this run: 'transformers:other:map')", "k 2 (this run: 5)",
-                        "prompt history 1 (this run: 0)", "prior seed 1 (this run: 2)"]  # fmt: skip
-    # plain CQL (k = 0) and datasets without stored proposals only need the env to match
-    assert dataset_mismatch(header, "overcooked-salad", None, 0, 0, None) == []
-    assert dataset_mismatch({**header, "prior": None}, "overcooked-salad", "x", 5, 3, 9) == []
-    # the sampling settings that change proposals count too (a dataset built at another dist temperature)
-    stored = {"mode": "dist", "dist_temperature": 1.0, "score_normalize": "sum", "dedup": False, "temperature": 0.7}
-    run = {**stored, "dist_temperature": 3.0, "temperature": 1.0}  # token temperature: irrelevant to `dist`
-    with_args = {**header, "prior_args": stored}
-    assert dataset_mismatch(with_args, "overcooked-salad", "transformers:tiny:dist", 2, 1, 1, run) == [
-        "--prior.dist-temperature 1.0 (this run: 3.0)"]  # fmt: skip
-    assert dataset_mismatch(with_args, "overcooked-salad", "transformers:tiny:dist", 2, 1, 1, stored) == []
+    """The prompt history and the prior's seed are always the dataset's (a run takes them from its header); the
+    prior's identity, k and the settings that change its proposals must match the run's."""
+    from dataclasses import asdict
+
+    from cql_prior import PriorArgs
+
+    stored = asdict(PriorArgs(dist_temperature=1.0))
+    header = {"format": DATASET_FORMAT, "version": 1, **HEADER, "prior_args": stored}
+    assert dataset_mismatch(header, "overcooked-salad", "transformers:tiny:dist", 2, stored) == []
+    run = {**stored, "dist_temperature": 3.0, "cache": "off"}  # the cache does not change a proposal
+    problems = dataset_mismatch(header, "overcooked-salad", "transformers:other:map", 5, run)
+    assert problems == ["prior 'transformers:tiny:dist' (this run: 'transformers:other:map')", "k 2 (this run: 5)",
+                        "--prior.dist-temperature 1.0 (this run: 3.0)"]  # fmt: skip
+    # plain CQL (k = 0) and datasets without stored proposals match any prior
+    assert dataset_mismatch(header, "overcooked-salad", None, 0, run) == []
+    assert dataset_mismatch({**header, "prior": None}, "overcooked-salad", "x", 5, run) == []
 
 
 # ---- build_dataset.py ------------------------------------------------------------------------------------------------
@@ -171,16 +158,16 @@ def test_success_share_balancing_converges():
 
 def test_mix_weights_are_checked():
     assert mix_weights(MixArgs(expert=1, noisy=1, random=2, prior=0), 0).tolist() == [0.25, 0.25, 0.5, 0.0]
-    with pytest.raises(SystemExit, match="needs --k > 0"):
+    with pytest.raises(UserError, match="needs --k > 0"):
         mix_weights(MixArgs(prior=1.0), 0)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError):
         mix_weights(MixArgs(expert=0, noisy=0, random=0, prior=0), 5)
 
 
 def test_rollout_kinds():
     import numpy as np
 
-    env = make_env("overcooked-salad")
+    env = envs.make("overcooked-salad")
     rng = np.random.default_rng(0)
     expert, success, misses = rollout(env, "expert", rng, 0.0, 0)
     assert success and misses == 0 and all(r["action"] == r["_expert"] for r in expert)

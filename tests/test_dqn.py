@@ -1,27 +1,33 @@
-"""dqn_prior.py: pure functions against hand-computed values, and subprocess runs of the script."""
+"""dqn_prior.py: pure functions against hand-computed values; runs of the script, stopped and resumed at every phase
+(training, evaluation, the final evaluation, saving, a failing LLM server) and checked to end exactly where the
+uninterrupted run does; bad input as one-line errors."""
 
 import glob
 import http.server
 import json
 import os
+import shutil
+import signal
 
 import numpy as np
 import pytest
 import torch
-from helpers import script_runner, serve_http, summary_of
+from helpers import run_script as _run_script
+from helpers import serve_http, summary_of
 
-from dqn_prior import DATASET_FORMAT, ReplayBuffer, select_action, td_loss, td_target
+import dqn_prior
+from dqn_prior import Args, ReplayBuffer, select_action, td_loss, td_target
+from llmprior import runs
 
 
 def test_td_target_hand_computed():
     rewards = torch.tensor([1.0, 0.5, -0.1, 0.0])
-    terminated = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    dones = torch.tensor([1.0, 0.0, 0.0, 0.0])
     next_q = torch.tensor([[9.0, 9.0], [2.0, 3.0], [-1.0, 7.0], [5.0, 5.0]])
     # row 2: the larger Q (7.0) belongs to a padded slot and must not be used; row 3 has no candidate
     next_mask = torch.tensor([[True, True], [True, True], [True, False], [False, False]])
-    y = td_target(rewards, terminated, next_q, next_mask, gamma=0.9)
-    expected = torch.tensor([1.0, 0.5 + 0.9 * 3.0, -0.1 + 0.9 * -1.0, 0.0])
-    assert torch.allclose(y, expected)
+    y = td_target(rewards, dones, next_q, next_mask, gamma=0.9)
+    assert torch.allclose(y, torch.tensor([1.0, 0.5 + 0.9 * 3.0, -0.1 + 0.9 * -1.0, 0.0]))
 
 
 def test_td_loss_reductions():
@@ -47,8 +53,7 @@ def test_softmax_acting_matches_the_boltzmann_distribution():
 
 def test_epsilon_greedy_explores():
     rng = np.random.default_rng(0)
-    q = np.array([0.0, 10.0])
-    picks = [select_action(q, 0.0, 1.0, rng) for _ in range(2000)]
+    picks = [select_action(np.array([0.0, 10.0]), 0.0, 1.0, rng) for _ in range(2000)]
     assert np.mean(picks) == pytest.approx(0.5, abs=0.05)
 
 
@@ -67,42 +72,165 @@ def test_replay_buffer_keeps_next_candidate_sets():
     assert rb.size == 3 and sorted(rb.sa.tolist()) == [12, 13, 14]
 
 
-run_script = script_runner("dqn_prior.py")
+def run_script(*argv, **kw):
+    return _run_script("dqn_prior.py", *argv, **kw)
 
 
-def test_plain_dqn_smoke_resume_and_dataset(tmp_path):
-    """--k 0 trains; a run resumed from a mid-episode checkpoint ends with exactly the same Q-network."""
-    common = ["--env", "frozenlake", "--k", "0", "--eval-freq", "100", "--eval-episodes", "2",
-              "--checkpoint-freq", "70", "--runs-dir", str(tmp_path)]  # fmt: skip
-    full = summary_of(run_script(*common, "--total-timesteps", "200", "--exp-name", "full"))
-    assert full["global_step"] == 200 and full["prior_queries"] == 0
-    part = run_script(*common, "--total-timesteps", "70", "--exp-name", "part",
-                      "--save-dataset", str(tmp_path / "part.jsonl"))  # fmt: skip
-    ckpt = glob.glob(str(tmp_path / "*part*" / "checkpoint.pt"))[0]
-    resumed = summary_of(run_script("--resume", ckpt, "--total-timesteps", "200"))
-    assert resumed["global_step"] == 200
-    a = torch.load(glob.glob(str(tmp_path / "*full*" / "q_network.pt"))[0])
-    b = torch.load(glob.glob(str(tmp_path / "*part*" / "q_network.pt"))[0])
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    lines = (tmp_path / "part.jsonl").read_text().splitlines()
-    header = json.loads(lines[0])
-    assert (header["format"], header["env"], header["k"]) == (DATASET_FORMAT, "frozenlake", 0)
-    assert len(lines) == 1 + 200  # the resumed run carried on the same dataset
-    record = json.loads(lines[1])
-    assert record["action"] in record["admissible"] and record["proposals"] is None
-    # --load-model with no env steps only evaluates: the saved Q gives the run's final evaluation again
-    q_path = glob.glob(str(tmp_path / "*full*" / "q_network.pt"))[0]
-    again = summary_of(run_script(*common, "--total-timesteps", "0", "--exp-name", "evalonly", "--load-model", q_path))
-    assert again["global_step"] == 0 and again["eval/return_mean"] == full["eval/return_mean"]
-    # --eval-k 0 acts over every admissible action even where the run was given a prior mode
-    zero = summary_of(run_script(*common, "--total-timesteps", "0", "--exp-name", "evalk0", "--load-model", q_path,
-                                 "--eval-k", "0", "--eval-prior.mode", "dist"))  # fmt: skip
-    assert zero["eval/return_mean"] == full["eval/return_mean"] and zero["prior_queries"] == 0
+# ---- stopping and resuming, in process -------------------------------------------------------------------------------
+FROZENLAKE = dict(env="frozenlake", total_timesteps=160, eval_freq=60, eval_episodes=2, learning_starts=20,
+                  train_frequency=10, gradient_steps=5)  # fmt: skip
+SYNTHETIC = dqn_prior.PriorArgs(backend="synthetic", synthetic_q=0.5, cache="memory", per_visit=True)
 
 
-def test_unknown_env_is_a_clear_error(tmp_path):
-    result = run_script("--env", "nope", "--k", "0", "--runs-dir", str(tmp_path), check=False)
-    assert result.returncode != 0 and "valid ids" in result.stderr
+@pytest.fixture
+def signals():
+    """train() installs its own SIGINT/SIGTERM handlers: put Python's back afterwards."""
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGINT, saved[0])
+    signal.signal(signal.SIGTERM, saved[1])
+
+
+def q_of(run_dir: str) -> dict:
+    return torch.load(os.path.join(run_dir, "q_network.pt"))
+
+
+def the_run(runs_dir) -> str:
+    folders = [d for d in glob.glob(os.path.join(str(runs_dir), "*")) if os.path.isdir(d)]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def stop_when(monkeypatch, name: str, predicate, sig=signal.SIGINT, target=dqn_prior):
+    """Send `sig` to this process from inside `target.<name>` at the calls where predicate(call number) holds: the
+    run then stops as it would at a Ctrl-C there."""
+    real, calls = getattr(target, name), [0]
+
+    def wrapped(*a, **kw):
+        calls[0] += 1
+        if predicate(calls[0]):
+            os.kill(os.getpid(), sig)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(target, name, wrapped)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: the run with no interruption (per-visit proposals of a synthetic prior: the run's generator
+    draws them, so resuming must restore it and the state's drawn proposals)."""
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    folder = tmp_path_factory.mktemp("full")
+    summary = dqn_prior.train(Args(**FROZENLAKE, prior=SYNTHETIC, runs_dir=str(folder)))
+    signal.signal(signal.SIGINT, saved[0])
+    signal.signal(signal.SIGTERM, saved[1])
+    run_dir = the_run(folder)
+    return summary, q_of(run_dir), open(os.path.join(run_dir, "eval.jsonl")).read()
+
+
+def resume_to_the_end(run_dir: str, uninterrupted) -> dict:
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    summary = dqn_prior.train(Args(resume=ckpt))
+    full_summary, full_q, full_evals = uninterrupted
+    q = q_of(run_dir)
+    assert all(torch.equal(q[k], full_q[k]) for k in full_q)  # bit-identical on CPU
+    assert open(os.path.join(run_dir, "eval.jsonl")).read() == full_evals  # the same evaluations, none twice
+    for key in ("global_step", "episodes", "eval/return_mean", "best_eval_return", "prior_coverage"):
+        assert summary[key] == full_summary[key], key
+    return summary
+
+
+@pytest.mark.parametrize("phase, name, predicate", [
+    ("training", "td_loss", lambda n: n == 23),  # inside the training phase at step 70: 3 of its 5 gradient steps
+    ("acting", "select_action", lambda n: n == 37),
+    ("evaluation", "select_action", lambda n: n == 60 + 5),  # in the first evaluation, at step 60
+    ("final evaluation", "evaluate", lambda n: n == 3),  # at steps 60, 120 and 160: the final one
+])  # fmt: skip
+def test_a_stop_at_any_phase_resumes_exactly(phase, name, predicate, tmp_path, monkeypatch, signals, uninterrupted):
+    stop_when(monkeypatch, name, predicate)
+    with pytest.raises(runs.Stopped, match="stopped by SIGINT at step .*--resume"):
+        dqn_prior.train(Args(**FROZENLAKE, prior=SYNTHETIC, runs_dir=str(tmp_path)))
+    monkeypatch.undo()
+    run_dir = the_run(tmp_path)
+    assert not os.path.exists(os.path.join(run_dir, "summary.json"))
+    resume_to_the_end(run_dir, uninterrupted)
+
+
+def test_sigterm_while_saving_a_checkpoint_stops_after_it(tmp_path, monkeypatch, signals, uninterrupted):
+    stop_when(monkeypatch, "save_checkpoint", lambda n: n == 1, signal.SIGTERM, target=runs.Run)
+    with pytest.raises(runs.Stopped, match="SIGTERM at step 60"):
+        dqn_prior.train(Args(**FROZENLAKE, prior=SYNTHETIC, runs_dir=str(tmp_path)))
+    monkeypatch.undo()
+    resume_to_the_end(the_run(tmp_path), uninterrupted)
+
+
+def test_a_killed_run_resumes_exactly_from_its_last_checkpoint(tmp_path, monkeypatch, signals, uninterrupted):
+    """A process killed right after the checkpoint of step 60 (mid-episode: the episode's actions are replayed)."""
+    real = runs.Run.save_checkpoint
+
+    def save_then_die(self, state):
+        real(self, state)
+        raise SystemExit("killed")  # nothing after the write runs, as with SIGKILL
+
+    monkeypatch.setattr(runs.Run, "save_checkpoint", save_then_die)
+    with pytest.raises(SystemExit):
+        dqn_prior.train(Args(**FROZENLAKE, prior=SYNTHETIC, runs_dir=str(tmp_path)))
+    monkeypatch.undo()
+    run_dir = the_run(tmp_path)
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["loop"]["episode_actions"]
+    resume_to_the_end(run_dir, uninterrupted)
+
+
+def test_resume_goes_on_in_the_folder_that_holds_the_checkpoint(tmp_path, monkeypatch, signals, uninterrupted):
+    """A copied run resumes in the copy (the original is untouched), refuses a second process on the same folder,
+    cleans a half-written checkpoint left by a killed process, and its wall-clock counts every session."""
+    stop_when(monkeypatch, "select_action", lambda n: n == 90)
+    with pytest.raises(runs.Stopped):
+        dqn_prior.train(Args(**FROZENLAKE, prior=SYNTHETIC, runs_dir=str(tmp_path / "first")))
+    monkeypatch.undo()
+    original = the_run(tmp_path / "first")
+    elapsed = torch.load(os.path.join(original, "checkpoint.pt"), weights_only=False)["elapsed_s"]
+    copy = str(tmp_path / "moved" / os.path.basename(original))
+    shutil.copytree(original, copy)
+    before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(original, "*"))}
+    open(os.path.join(copy, "checkpoint.pt.tmp-999999"), "w").write("half")
+    lock = runs.Run(Args(), copy).open({})  # another process runs the copy
+    with pytest.raises(runs.UserError, match="is being run by another process"):
+        dqn_prior.train(Args(resume=os.path.join(copy, "checkpoint.pt")))
+    lock.close()
+    summary = resume_to_the_end(copy, uninterrupted)
+    assert {p: os.path.getmtime(p) for p in glob.glob(os.path.join(original, "*"))} == before
+    assert not glob.glob(os.path.join(copy, "*.tmp-*"))
+    assert summary["run_name"] == os.path.basename(copy) and summary["wall_clock_s"] >= elapsed
+
+
+def test_llm_server_failure_is_one_line_and_resumes_exactly(tmp_path, monkeypatch, signals):
+    """The server dies mid-run: one line that names it and says how to go on (no traceback); the state before the
+    failed step is saved, and the resumed run (server back) ends where an uninterrupted one does. The API key
+    ($OPENAI_API_KEY) reaches the server and no file the run writes."""
+    with serve_http(FlakyServer) as server:
+        env = {"OPENAI_BASE_URL": f"http://127.0.0.1:{server.server_port}/v1", "OPENAI_API_KEY": "sk-test-secret"}
+        common = ["--env", "frozenlake", "--k", "3", "--total-timesteps", "60", "--eval-freq", "30", "--eval-episodes",
+                  "1", "--learning-starts", "5", "--train-frequency", "2", "--prior.backend", "openai",
+                  "--prior.model", "fake", "--prior.mode", "map", "--prior.cache", "memory"]  # fmt: skip
+        FlakyServer.budget, FlakyServer.authorization = 10_000, []
+        full = summary_of(run_script(*common, "--runs-dir", str(tmp_path / "full"), env=env))
+        FlakyServer.budget = 4  # of the full run's 10 queries
+        failed = run_script(*common, "--runs-dir", str(tmp_path / "part"), env=env, check=False)
+        assert failed.returncode == 2 and "Traceback" not in failed.stderr
+        assert f"127.0.0.1:{server.server_port}" in failed.stderr and "--resume" in failed.stderr
+        assert failed.stderr.strip().count("\n") == 0, failed.stderr
+        part = the_run(tmp_path / "part")
+        ckpt = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=False)
+        assert 0 < ckpt["loop"]["global_step"] < 60
+        assert set(FlakyServer.authorization) == {"Bearer sk-test-secret"}
+        files = [p for p in glob.glob(str(tmp_path / "**" / "*"), recursive=True) if os.path.isfile(p)]
+        assert not any(b"sk-test-secret" in open(p, "rb").read() for p in files)
+        FlakyServer.budget = 10_000
+        resumed = summary_of(run_script("--resume", os.path.join(part, "checkpoint.pt"), env=env))
+        assert resumed["global_step"] == 60 and resumed["eval/return_mean"] == full["eval/return_mean"]
+        a, b = q_of(the_run(tmp_path / "full")), q_of(part)
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 class FlakyServer(http.server.BaseHTTPRequestHandler):
@@ -130,68 +258,63 @@ class FlakyServer(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def test_llm_server_failure_is_clear_and_loses_nothing(tmp_path):
-    """The server dies mid-run: the script names the server, checkpoints, and a resume (server back) goes on. The
-    API key reaches the server but no file the run writes; the resuming command line gives it again."""
-    with serve_http(FlakyServer) as server:
-        FlakyServer.budget, FlakyServer.authorization = 6, []
-        prior = ["--prior.backend", "openai", "--prior.base-url", f"http://127.0.0.1:{server.server_port}/v1",
-                 "--prior.model", "fake", "--prior.mode", "map", "--prior.unmatched", "last",
-                 "--prior.cache", "memory", "--prior.max-retries", "1", "--prior.timeout", "5",
-                 "--prior.api-key", "sk-test-secret"]  # fmt: skip
-        failed = run_script("--env", "frozenlake", "--k", "3", "--total-timesteps", "60", "--runs-dir", str(tmp_path),
-                            "--learning-starts", "5", "--train-frequency", "2", *prior, check=False)  # fmt: skip
-        assert failed.returncode != 0
-        assert "could not reach the OpenAI-compatible server" in failed.stderr
-        assert f"127.0.0.1:{server.server_port}" in failed.stderr and "--resume" in failed.stderr
-        ckpt_path = glob.glob(str(tmp_path / "*" / "checkpoint.pt"))[0]
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        assert 0 < ckpt["global_step"] < 60 and ckpt["buffer"]["size"] == ckpt["global_step"]
-        assert FlakyServer.authorization and set(FlakyServer.authorization) == {"Bearer sk-test-secret"}
-        files = [p for p in glob.glob(str(tmp_path / "**" / "*"), recursive=True) if os.path.isfile(p)]
-        written = [open(p, "rb").read() for p in files]  # args.json, TensorBoard events, checkpoint
-        assert written and not any(b"sk-test-secret" in data for data in written)
-        FlakyServer.budget, FlakyServer.authorization = 10_000, []
-        resumed = run_script("--resume", ckpt_path, "--total-timesteps", "60", "--prior.api-key", "sk-test-secret")
-        assert summary_of(resumed)["global_step"] == 60 and "sk-test-secret" not in resumed.stdout + resumed.stderr
-        assert set(FlakyServer.authorization) == {"Bearer sk-test-secret"}
+# ---- bad input -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--k", "-1"], "--k must be >= 0"),
+    (["--eval-freq", "0"], "--eval-freq must be >= 1"),
+    (["--total-timesteps", "-5"], "--total-timesteps must be >= 1"),
+    (["--env", "nope"], "--env nope: unknown; one of overcooked-tomato"),
+    (["--prior.uniform-mix", "2"], "--prior.uniform-mix must be in [0, 1]"),
+    (["--k", "0", "--prior.mode", "map"], "--k 0 is plain DQN"),
+    (["--prior.per-visit", "--prior.mode", "topk"], "`topk` draws nothing"),
+    (["--resume", "nowhere/checkpoint.pt"], "no such file"),
+])  # fmt: skip
+def test_bad_input_is_one_line_before_anything_loads_and_leaves_no_folder(argv, message, tmp_path):
+    # a model that cannot load shows that nothing loaded: the flag was refused first
+    result = run_script(*argv, "--prior.model", "/nonexistent.gguf", "--runs-dir", str(tmp_path), check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert not os.listdir(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def shared_prior_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("prior") / "proposals.sqlite")
+def test_help_parses_before_the_heavy_imports(tmp_path):
+    """--help answers without importing transformers (a stand-in that refuses to import is on the path)."""
+    (tmp_path / "transformers").mkdir()
+    (tmp_path / "transformers" / "__init__.py").write_text("raise ImportError('transformers imported')\n")
+    result = run_script("--help", env={"PYTHONPATH": str(tmp_path)})
+    assert "--prior.synthetic-q" in result.stdout and "--bootstrap-time-limit" in result.stdout
 
 
+# ---- the real embedded models ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("env_id", ["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick",
                                     "alfworld-examine"])  # fmt: skip
-def test_dqn_prior_with_the_real_embedded_models(env_id, tmp_path, shared_prior_cache):
+def test_dqn_prior_with_the_real_embedded_models(env_id, tmp_path):
     """Gemma-3-270M proposes, all-MiniLM-L6-v2 encodes: every env trains and evaluates end to end."""
-    steps = "40" if env_id.startswith("alfworld") else "120"  # an ALFWorld prompt scores ~30 actions: keep CI short
+    steps = "120" if env_id in ("overcooked-tomato", "frozenlake") else "40"  # Salad (a 5-step history in the prompt)
+    # and ALFWorld (~30 actions) make most states a new LLM query: keep CI short
     result = run_script("--env", env_id, "--total-timesteps", steps, "--eval-freq", steps, "--eval-episodes", "1",
-                        "--learning-starts", "20", "--coverage", "True", "--runs-dir", str(tmp_path),
-                        "--prior.cache-path", shared_prior_cache)  # fmt: skip
+                        "--learning-starts", "20", "--runs-dir", str(tmp_path))  # fmt: skip
     summary = summary_of(result)
-    assert summary["global_step"] == int(steps)
-    assert summary["prior_queries"] > 0 and 0.0 <= summary["prior_cache_hit_rate"] <= 1.0
-    assert 0.0 <= summary["prior_coverage"] <= 1.0
-    assert "coverage" in result.stdout and "LLM queries" in result.stdout
+    assert summary["global_step"] == int(steps) and 0.0 <= summary["prior_cache_hit_rate"] <= 1.0
+    assert "LLM queries" in result.stdout
     if env_id.startswith("alfworld"):
         assert "eval_unseen/success_rate" in summary or env_id == "alfworld-examine"
+    else:
+        assert 0.0 <= summary["prior_coverage"] <= 1.0
 
 
-def test_embedding_cache_serves_later_encoders_without_the_model(tmp_path):
+def test_embedding_cache_serves_later_encoders_without_the_model(tmp_path, monkeypatch):
     """The frozen encoder's vectors persist by (encoder, pooling, text): a second encoder on the same strings gets
-    exactly the same rows without calling its model; another pooling is another key."""
-    from dqn_prior import EmbeddingCache, TextEncoder
+    exactly the same rows without calling its model."""
+    from llmprior.encoder import TextEncoder
 
-    path = str(tmp_path / "emb.sqlite")
+    monkeypatch.setenv("LLMPRIOR_CACHE", str(tmp_path))
     texts = ["Observation: a,  Action: b.", "Observation: c,  Action: d.", "Observation: a,  Action: b."]
-    first = TextEncoder("all-MiniLM-L6-v2", torch.device("cpu"), cache=EmbeddingCache("minilm|mean", path))
+    first = TextEncoder("all-MiniLM-L6-v2", torch.device("cpu"))
     ids = first.ids(texts)
     assert ids == [0, 1, 0] and first.table.shape == (2, first.dim)
-    second = TextEncoder("all-MiniLM-L6-v2", torch.device("cpu"), cache=EmbeddingCache("minilm|mean", path))
+    second = TextEncoder("all-MiniLM-L6-v2", torch.device("cpu"))
     second._encode = None  # any encoder call now fails
     assert second.ids(texts[::-1]) == [0, 1, 0] and torch.equal(second.table, first.table[[0, 1]])
-    other = EmbeddingCache("minilm|cls", path)
-    assert other.get_many(texts) == {} and len(EmbeddingCache("minilm|mean", path).get_many(texts)) == 2
+    assert (tmp_path / "embeddings.sqlite").exists()

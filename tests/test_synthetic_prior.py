@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from helpers import last_json, run_script, summary_of
 
 from dqn_prior import LLMPrior, PriorArgs
@@ -14,13 +15,13 @@ ACTIONS = ["pick up the tomato", "take the bowl", "walk to the cutting board", "
 
 
 def synthetic(q, **kw):
-    return LLMPrior(PriorArgs(backend="synthetic", synthetic_q=q, cache="memory", **kw), seed=1)
+    return LLMPrior(PriorArgs(backend="synthetic", synthetic_q=q, cache="memory", **kw), 1, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("q", [0.0, 0.25, 0.5, 1.0])
 def test_distribution_is_the_formula(q):
     prior = synthetic(q)
-    probs = prior.action_probs("any prompt", ACTIONS, expert="take the bowl")
+    probs = prior.distribution("any prompt", ACTIONS, expert="take the bowl")
     expected = np.full(5, (1 - q) / 5)
     expected[1] += q
     assert probs == pytest.approx(expected, abs=1e-12)
@@ -47,12 +48,15 @@ def test_proposals_and_coverage_follow_the_formula():
     assert synthetic(1.0).propose("state 0", ACTIONS, k, expert="serve nothing") == ["serve nothing"] * k
 
 
-def test_no_expert_is_uniform_and_bad_settings_are_refused():
-    assert synthetic(1.0).action_probs("p", ACTIONS, expert=None) == pytest.approx(np.full(5, 0.2))
+def test_no_expert_is_uniform_and_bad_settings_are_refused(tmp_path):
+    assert synthetic(1.0).distribution("p", ACTIONS, expert=None) == pytest.approx(np.full(5, 0.2))
     with pytest.raises(ValueError, match="synthetic-q"):
         synthetic(1.5)
-    with pytest.raises(ValueError, match="--prior.mode dist"):
-        synthetic(0.5, mode="map")
+    for argv, message in ((["--prior.mode", "map"], "use --prior.mode dist"),
+                          (["--prior.synthetic-q", "2"], "in [0, 1]")):
+        result = run_script("dqn_prior.py", "--prior.backend", "synthetic", *argv, "--runs-dir", str(tmp_path),
+                            check=False)  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr
     # --prior.dist-temperature does not flatten it: Q is the point
     assert synthetic(1.0, dist_temperature=3.0).propose("p", ACTIONS, 4, expert="chop nothing") == ["chop nothing"] * 4
 
@@ -71,20 +75,20 @@ def test_dqn_prior_on_alfworld_gets_the_planners_action(tmp_path):
     both evaluation splits."""
     summary = summary_of(run_script("dqn_prior.py", "--env", "alfworld-pick", "--total-timesteps", "12",
                                     "--eval-freq", "12", "--eval-episodes", "1", "--learning-starts", "100",
-                                    "--coverage", "True", "--runs-dir", str(tmp_path), *SYNTH))  # fmt: skip
+                                    "--runs-dir", str(tmp_path), *SYNTH))  # fmt: skip
     assert summary["prior_coverage"] == 1.0
     assert summary["eval/success_rate"] == 1.0 and summary["eval_unseen/success_rate"] == 1.0
 
 
 def test_build_dataset_and_cql_prior_with_a_perfect_prior(tmp_path):
     data = tmp_path / "salad.jsonl"
-    info = last_json(run_script("build_dataset.py", "--transitions", "60", "--out", str(data), "--prior.history", "0",
+    info = last_json(run_script("build_dataset.py", "--transitions", "60", "--out", str(data), "--history", "0",
                                 *SYNTH), "dataset ")  # fmt: skip
     assert info["prior"] == "synthetic:q=1:dist" and info["expert_action_in_proposals"] == 1.0
     records = [json.loads(line) for line in open(data).readlines()[1:]]
     assert all(len(set(r["proposals"])) == 1 for r in records)  # k copies of the expert's action
     common = ["--dataset", str(data), "--total-steps", "20", "--eval-freq", "20", "--eval-episodes", "2",
-              "--runs-dir", str(tmp_path), "--torch-threads", "1"]  # fmt: skip
+              "--runs-dir", str(tmp_path)]  # fmt: skip
     summary = last_json(run_script("cql_prior.py", *common, *SYNTH), "summary ")
     assert summary["eval/success_rate"] == 1.0 and summary["dataset_prior_queries"] == 0
     # a run with another Q is another prior: the dataset's stored proposals are not its own
@@ -101,6 +105,6 @@ def test_gflan_prior_with_a_perfect_prior(tiny_model, tmp_path):
     lm = tiny_model("llama", ["Go Left Go Right Go Up Go Down frozen cell hole goal position"], name="synth-llama")
     summary = summary_of(run_script("gflan_prior.py", "--env", "frozenlake", "--policy.model", lm, "--num-envs", "2",
                                     "--num-steps", "8", "--num-minibatches", "1", "--update-epochs", "1",
-                                    "--total-timesteps", "16", "--eval-episodes", "1", "--torch-threads", "1",
+                                    "--total-timesteps", "16", "--eval-episodes", "1",
                                     "--runs-dir", str(tmp_path), *SYNTH))  # fmt: skip
     assert summary["prior_coverage"] == 1.0 and summary["prior_queries"] > 0

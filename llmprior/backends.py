@@ -1,0 +1,382 @@
+"""LLM runtimes behind a script's prior: what an LLM says about the actions of a state, given its prompt.
+
+Every backend offers
+- `score(prompt, actions) -> (logp, tokens)`: each action's summed token log-probability as it continues the prompt
+  (log p(a|s), paper App. 9.2) and its number of tokens;
+- `sample(prompt, k, seed) -> k free-form texts` (`map` mode);
+- `sample_choices(prompt, actions, k, seed) -> k actions`, sampled token by token within the action strings
+  (`constrained` mode);
+and `label` (the model, for logs and cache keys) and `numerics` (what else changes the numbers: device and dtype,
+the server). Sampling uses the authors' `generate` settings (SAMPLING). A `seed` makes a sample reproducible.
+
+- `transformers`: in process, CPU or CUDA; the prompt is encoded once and its key/value cache shared by the actions.
+- `vllm`: vLLM's offline engine (CUDA; `pip install vllm`, not in requirements.txt: it pins its own torch).
+- `openai`: any OpenAI-compatible /v1/completions server (`vllm serve`, llama.cpp's server), over plain HTTP. The
+  server is $OPENAI_BASE_URL (default http://127.0.0.1:8000/v1), the key $OPENAI_API_KEY: neither is a flag, so
+  neither is ever written into a run's files.
+- `synthetic`: no LLM; the prior of known quality, see SyntheticBackend.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Optional
+
+import numpy as np
+
+# The authors' sampling settings (HF `generate` on base Qwen1.5): temperature 1, top-p 1, HF's implicit top-k 50,
+# 10 new tokens per free-form sample.
+SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "max_new_tokens": 10}
+HTTP_TIMEOUT_S, HTTP_RETRIES = 60.0, 3
+
+
+def make_backend(kind: str, model: str, seed: int = 0, device=None, dtype=None, synthetic_q: float = 1.0):
+    if kind == "transformers":
+        return TransformersBackend(model, device, dtype)
+    if kind == "vllm":
+        return VLLMBackend(model, seed, dtype)
+    if kind == "openai":
+        return OpenAIBackend(model)
+    if kind == "synthetic":
+        return SyntheticBackend(synthetic_q)
+    raise ValueError(f"unknown backend {kind!r}")
+
+
+def continuation_ids(tokenizer, prompt: str, action: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, action ids) with the action tokenised as it follows the prompt (" " + action after a prompt ending
+    in "Action:"): tokenise the whole text and cut at the prompt's length, as lm-eval-harness does, because
+    sentencepiece tokenisers mark a word start differently at the start of a string."""
+    sep = "" if not prompt or prompt[-1].isspace() else " "
+    prompt_ids = tokenizer(prompt).input_ids
+    whole = tokenizer(prompt + sep + action).input_ids
+    if whole[: len(prompt_ids)] == prompt_ids and len(whole) > len(prompt_ids):
+        return prompt_ids, whole[len(prompt_ids) :]
+    action_ids = tokenizer(sep + action, add_special_tokens=False).input_ids
+    if not action_ids:
+        raise ValueError(f"action {action!r} tokenises to nothing")
+    return prompt_ids, action_ids
+
+
+class TransformersBackend:
+    SCORE_CHUNK = 32  # actions per batched forward; bounds memory (logits are chunk x tokens x vocab)
+
+    def __init__(self, model: str, device, dtype: Optional[str] = None) -> None:
+        import torch
+        from transformers import GenerationConfig
+
+        from llmprior.models import load_causal_lm, resolve_dtype
+
+        self.torch = torch
+        self.device = device or torch.device("cpu")
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model, self.tokenizer, self.label = load_causal_lm(model, self.device, self.dtype)
+        tok = self.tokenizer
+        self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else self.model.config.eos_token_id
+        if isinstance(self.eos_id, (list, tuple)):
+            self.eos_id = self.eos_id[0]
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+        if self.pad_id is None:
+            self.pad_id = 0  # only ever sits under a zero attention mask
+        # Sampling settings are SAMPLING's only: drop a checkpoint's own defaults (e.g. Gemma's top_k=64).
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id
+        )
+        self.numerics = f"{self.device.type}:{str(self.dtype).replace('torch.', '')}"
+
+    def _generate(self, prompt: str, k: int, seed: int, max_new_tokens: int, **kwargs):
+        from transformers import GenerationConfig
+
+        torch = self.torch
+        enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+        config = GenerationConfig(
+            do_sample=True, temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"], top_k=SAMPLING["top_k"],
+            max_new_tokens=max_new_tokens, num_return_sequences=k, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+        )  # fmt: skip
+        ids = enc["input_ids"]
+        # A private RNG stream per query: a sample depends only on its seed, and the caller's torch RNG is untouched.
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            if ids.shape[1] < 2:
+                out = self.model.generate(**enc, generation_config=config, **kwargs)
+            else:
+                # `num_return_sequences=k` would encode the prompt k times, most of the cost of 10 new tokens: encode
+                # it once (all but its last token, which generate feeds to get the first logits) and share the cache.
+                cache = self.model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).cache
+                cache.batch_repeat_interleave(k)
+                config.num_return_sequences = 1
+                out = self.model.generate(
+                    input_ids=ids.repeat(k, 1), attention_mask=torch.ones_like(ids).repeat(k, 1), cache=cache,
+                    generation_config=config, **kwargs,
+                )  # fmt: skip
+        return out[:, ids.shape[1] :]
+
+    def sample(self, prompt: str, k: int, seed: int) -> list[str]:
+        new = self._generate(prompt, k, seed, SAMPLING["max_new_tokens"])
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def score(self, prompt: str, actions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        # One forward over the prompt, then its KV cache, repeated along the batch, serves all actions in one padded
+        # forward: the prompt is not re-encoded per action.
+        pairs = [continuation_ids(self.tokenizer, prompt, a) for a in actions]
+        prompt_ids = pairs[0][0]
+        action_ids = [ids for _, ids in pairs]
+        scores = np.zeros(len(actions))
+        with torch.no_grad():
+            p = torch.tensor([prompt_ids], device=self.device)
+            out = self.model(input_ids=p, use_cache=True, logits_to_keep=1)  # the LM head only where it is needed
+            first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            for start in range(0, len(actions), self.SCORE_CHUNK):
+                chunk = action_ids[start : start + self.SCORE_CHUNK]
+                n, width = len(chunk), max(len(ids) for ids in chunk)
+                ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=self.device)
+                mask = torch.zeros((n, len(prompt_ids) + width), dtype=torch.long, device=self.device)
+                mask[:, : len(prompt_ids)] = 1
+                for i, a in enumerate(chunk):
+                    ids[i, : len(a)] = torch.tensor(a, device=self.device)
+                    mask[i, len(prompt_ids) : len(prompt_ids) + len(a)] = 1
+                cache = copy.deepcopy(out.cache)
+                cache.batch_repeat_interleave(n)
+                positions = torch.arange(len(prompt_ids), len(prompt_ids) + width, device=self.device).expand(n, -1)
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+                ).logits
+                # log p(token j | prompt, tokens < j) for j >= 1 comes from position j-1; token 0 from the prompt's end.
+                logits = logits[:, :-1].float()
+                target = ids[:, 1:].unsqueeze(-1)
+                token_logps = logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+                real = mask[:, len(prompt_ids) + 1 :].to(token_logps.dtype)  # 0 on padding
+                total = first_logp[ids[:, 0]] + (token_logps * real).sum(-1)
+                scores[start : start + n] = total.double().cpu().numpy()
+        return scores, np.array([len(a) for a in action_ids], dtype=np.float64)
+
+    def sample_choices(self, prompt: str, actions: list[str], k: int, seed: int) -> list[str]:
+        # A token trie over the actions (tokenised as they follow the prompt); EOS only where an action is complete.
+        trie: dict = {}
+        by_ids: dict[tuple[int, ...], str] = {}
+        for a in actions:
+            _, ids = continuation_ids(self.tokenizer, prompt, a)
+            by_ids.setdefault(tuple(ids), a)
+            node = trie
+            for t in ids:
+                node = node.setdefault(t, {})
+            node[None] = a  # complete action here
+        prompt_len = len(self.tokenizer(prompt).input_ids)
+        eos = self.eos_id
+
+        def allowed(_batch_id: int, input_ids) -> list[int]:
+            node = trie
+            for t in input_ids[prompt_len:].tolist():
+                if t == eos or t not in node:
+                    return [eos]  # finished (or padded) row: any non-empty list keeps the softmax finite
+                node = node[t]
+            nxt = [t for t in node if t is not None]
+            return nxt + [eos] if None in node else nxt
+
+        longest = max(len(ids) for ids in by_ids)
+        new = self._generate(prompt, k, seed, longest + 1, prefix_allowed_tokens_fn=allowed)
+        proposals = []
+        for row in new.tolist():
+            ids = []
+            for t in row:
+                if t == eos:
+                    break
+                ids.append(t)
+            if tuple(ids) not in by_ids:
+                raise RuntimeError(f"constrained decoding produced a non-action token sequence {ids}")
+            proposals.append(by_ids[tuple(ids)])
+        return proposals
+
+
+class VLLMBackend:
+    """vLLM's offline engine. Written against vLLM >= 0.12 (`SamplingParams(structured_outputs=
+    StructuredOutputsParams(choice=...))`, the only form since 0.12), falling back to `guided_decoding=
+    GuidedDecodingParams(choice=...)` on older versions."""
+
+    def __init__(self, model: str, seed: int, dtype: Optional[str] = None) -> None:
+        try:
+            import vllm
+        except ImportError as err:
+            raise ImportError(
+                "backend 'vllm' needs vLLM: `pip install vllm` on a CUDA machine (or use --prior.backend openai "
+                "against a `vllm serve` server, or the default transformers backend)"
+            ) from err
+        from llmprior.models import model_folder
+
+        self.vllm = vllm
+        folder, self.label, _ = model_folder(model)
+        dtype = dtype or "auto"
+        self.llm = vllm.LLM(model=folder, tokenizer=folder, seed=seed, dtype=dtype, enable_prefix_caching=True)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.numerics = f"vllm:{dtype}"
+
+    def _params(self, k: int, seed: int, max_tokens: int, **extra):
+        return self.vllm.SamplingParams(n=k, temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
+                                        top_k=SAMPLING["top_k"], max_tokens=max_tokens, seed=seed, **extra)  # fmt: skip
+
+    def sample(self, prompt: str, k: int, seed: int) -> list[str]:
+        out = self.llm.generate([prompt], self._params(k, seed, SAMPLING["max_new_tokens"]), use_tqdm=False)
+        return [o.text for o in out[0].outputs]
+
+    def score(self, prompt: str, actions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [continuation_ids(self.tokenizer, prompt, a) for a in actions]
+        inputs = [{"prompt_token_ids": p + a} for p, a in pairs]
+        params = self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=1.0)
+        outs = self.llm.generate(inputs, params, use_tqdm=False)
+        scores, tokens = np.zeros(len(actions)), np.zeros(len(actions))
+        for i, ((p, a), out) in enumerate(zip(pairs, outs)):
+            ids = p + a
+            logps = [out.prompt_logprobs[j][ids[j]].logprob for j in range(len(p), len(ids))]
+            scores[i], tokens[i] = sum(logps), len(logps)
+        return scores, tokens
+
+    def sample_choices(self, prompt: str, actions: list[str], k: int, seed: int) -> list[str]:
+        sep = "" if prompt[-1:].isspace() else " "
+        choices = [sep + a for a in actions]
+        try:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra = {"structured_outputs": StructuredOutputsParams(choice=choices)}
+        except ImportError:
+            from vllm.sampling_params import GuidedDecodingParams
+
+            extra = {"guided_decoding": GuidedDecodingParams(choice=choices)}
+        longest = max(len(self.tokenizer(c, add_special_tokens=False).input_ids) for c in choices)
+        out = self.llm.generate([prompt], self._params(k, seed, longest + 1, **extra), use_tqdm=False)
+        return [_match_choice(o.text, actions) for o in out[0].outputs]
+
+
+def _match_choice(text: str, actions: list[str]) -> str:
+    stripped = text.strip()
+    if stripped in actions:
+        return stripped
+    raise RuntimeError(f"guided choice returned {text!r}, which is not one of the admissible actions")
+
+
+class ServerError(ConnectionError):
+    """The OpenAI-compatible server could not be reached or refused a request (a run reports it in one line)."""
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible /v1/completions server, over plain HTTP (urllib; no extra dependency)."""
+
+    def __init__(self, model: Optional[str]) -> None:
+        self.url = os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1").rstrip("/")
+        self.api_key = os.environ.get("OPENAI_API_KEY")
+        self.model = model or self._first_model()
+        self.label = self.model
+        self.numerics = f"openai:{self.url}"
+
+    def _request(self, path: str, payload: Optional[dict] = None) -> dict:
+        url = f"{self.url}{path}"
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = None if payload is None else json.dumps(payload).encode()
+        last: Exception = RuntimeError("no attempt made")
+        for attempt in range(HTTP_RETRIES + 1):
+            if attempt:
+                time.sleep(0.5 * 2 ** (attempt - 1))
+            try:
+                req = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
+                with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+                    return json.loads(resp.read().decode())
+            except urllib.error.HTTPError as err:
+                body = err.read().decode(errors="replace")[:300]
+                if err.code == 429 or err.code >= 500:
+                    last = RuntimeError(f"HTTP {err.code}: {body}")
+                    continue
+                raise ServerError(f"{url} answered HTTP {err.code}: {body}") from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+                last = err
+        raise ServerError(
+            f"the OpenAI-compatible server at {url} failed {HTTP_RETRIES + 1} times (timeout {HTTP_TIMEOUT_S:.0f} s): "
+            f"{last}. Start one (`vllm serve <model>`, `python -m llama_cpp.server --model <file.gguf>`) or set "
+            "$OPENAI_BASE_URL"
+        ) from None
+
+    def _first_model(self) -> str:
+        models = self._request("/models").get("data") or []
+        if not models:
+            raise ServerError(f"{self.url}/models lists no model; pass --prior.model")
+        return models[0]["id"]
+
+    def _completion(self, **payload) -> list[dict]:
+        payload["top_k"] = SAMPLING["top_k"]  # vLLM and llama.cpp accept it; OpenAI's own API has no top_k
+        choices = self._request("/completions", {"model": self.model, **payload}).get("choices")
+        if not choices:
+            raise ServerError(f"{self.url}/completions returned no choices")
+        return sorted(choices, key=lambda c: c.get("index", 0))
+
+    def sample(self, prompt: str, k: int, seed: int) -> list[str]:
+        choices = self._completion(prompt=prompt, n=k, temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
+                                   max_tokens=SAMPLING["max_new_tokens"], seed=seed)  # fmt: skip
+        return [c.get("text", "") for c in choices]
+
+    def score(self, prompt: str, actions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        sep = "" if prompt[-1:].isspace() else " "
+        scores, tokens = np.zeros(len(actions)), np.zeros(len(actions))
+        # vLLM's scoring idiom: echo the prompt with its logprobs and generate nothing. One string per request:
+        # llama.cpp's server answers a list prompt with HTTP 500.
+        for i, a in enumerate(actions):
+            try:
+                choice = self._completion(prompt=prompt + sep + a, echo=True, logprobs=1, max_tokens=1,
+                                          temperature=1.0)[0]  # fmt: skip
+            except ServerError as err:
+                raise ServerError(
+                    f"{self.url} failed a scoring request (echo=True, logprobs=1), which `dist` mode needs (vLLM's "
+                    f"server supports it); use --prior.mode constrained or map: {err}"
+                ) from None
+            lp = choice.get("logprobs") or {}
+            offsets, token_logps = lp.get("text_offset"), lp.get("token_logprobs")
+            if not offsets or not token_logps:
+                raise ServerError(f"{self.url} returned no prompt logprobs for echo=True; `dist` mode needs them")
+            end = len(prompt) + len(sep) + len(a)  # the one generated token sits past the action
+            logps = [x for off, x in zip(offsets, token_logps) if len(prompt) <= off < end and x is not None]
+            if not logps:
+                raise ServerError(f"no logprobs for the action tokens of {a!r} from {self.url}")
+            scores[i], tokens[i] = sum(logps), len(logps)
+        return scores, tokens
+
+    def sample_choices(self, prompt: str, actions: list[str], k: int, seed: int) -> list[str]:
+        sep = "" if prompt[-1:].isspace() else " "
+        choices = [sep + a for a in actions]
+        base = dict(prompt=prompt, n=k, temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"], seed=seed,
+                    max_tokens=max(SAMPLING["max_new_tokens"], max(len(c) for c in choices)))  # fmt: skip
+        # vLLM >= 0.10.2 reads `structured_outputs`; older vLLM reads `guided_choice` (removed in 0.12). A server
+        # ignores a field it does not know, so check the texts and try the legacy field once.
+        for extra in ({"structured_outputs": {"choice": choices}}, {"guided_choice": choices}):
+            texts = [c.get("text", "") for c in self._completion(**base, **extra)]
+            if all(t.strip() in actions for t in texts):
+                return [t.strip() for t in texts]
+        raise ServerError(f"{self.url} does not honour guided choice (`structured_outputs.choice` / `guided_choice`); "
+                          "constrained mode over HTTP needs a vLLM server")  # fmt: skip
+
+
+class SyntheticBackend:
+    """A prior of known quality, for diagnostics: p_Q(a|s) = Q·1[a = a*(s)] + (1 − Q)/|A(s)|, a* the env's expert
+    action (`info["expert_action"]`); uniform where the env names none. No model is loaded. `score` returns log p_Q,
+    which a script's prior samples as it is (no temperature), through the same proposal, cache, coverage and dataset
+    code as an LLM's: "what would a prior of this quality do?"."""
+
+    numerics = "exact"
+
+    def __init__(self, q: float) -> None:
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"--prior.synthetic-q must be in [0, 1], got {q}")
+        self.q = q
+        self.label = f"q={q:g}"
+
+    def score(self, prompt: str, actions: list[str], expert: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+        probs = np.full(len(actions), 1.0 / len(actions))
+        if expert in actions:
+            probs[:] = (1.0 - self.q) / len(actions)
+            probs[actions.index(expert)] += self.q
+        with np.errstate(divide="ignore"):
+            return np.log(probs), np.ones(len(actions))  # -inf where Q = 1 leaves an action no mass
