@@ -472,6 +472,8 @@ def build(args: Args) -> dict:
         kind = KINDS[int(rng.choice(len(KINDS), p=weights))]
         records, success, misses = rollout(env, kind, rng, args.mix.epsilon, int(rng.integers(2**31)), propose)
         attempts += 1
+        if progress.due():  # (also while the success-share balancing rejects episodes)
+            progress.line(transitions, f"collected, {len(episodes)} episodes kept, {attempts - len(episodes)} rejected")
         if not keep_episode(success, len(episodes), kept_successes, args.success_share):
             stats[kind]["rejected"] += 1
             rejected_in_a_row += 1
@@ -490,8 +492,6 @@ def build(args: Args) -> dict:
         transitions += len(records)
         stats[kind]["kept"] += 1
         stats[kind]["successful"] += success
-        if progress.due():
-            progress.line(transitions, f"collected, {len(episodes)} episodes")
     print(f"collected {transitions} transitions in {len(episodes)} episodes ({kept_successes} successful, "
           f"{attempts - len(episodes)} rejected) in {time.time() - start:.0f} s: "
           + ", ".join(f"{k} {v['kept']}" for k, v in stats.items()), flush=True)  # fmt: skip
@@ -538,6 +538,9 @@ def build(args: Args) -> dict:
         "episodes_by_kind": stats, "rejected_episodes": attempts - len(episodes), "expert_misses": expert_misses,
         "data_action_in_proposals": share([r["action"] in r["proposals"] for r in records]) if prior else None,
         "expert_action_in_proposals": share([r["_expert"] in r["proposals"] for r in with_expert]) if prior else None,
+        # the same for the first j proposals, j = 1..k (the draws are independent: a prefix is a j-sample)
+        "expert_coverage_at_k": [share([r["_expert"] in r["proposals"][:j] for r in with_expert])
+                                 for j in range(1, args.k + 1)] if prior and with_expert else None,
         "expert_action_prob": float(np.mean([p for p, _ in quality])) if quality and quality[0][0] is not None
         else None,
         "expert_action_rank": float(np.mean([r for _, r in quality])) if quality else None,

@@ -1,7 +1,8 @@
 """Prior quality: how good is an LLM prior on each env, on the scale of the synthetic prior of prior_sweep.py?
 
-For each (env, LLM, mode) it runs `build_dataset.py` on expert episodes only (the env's planner acts; the eval seed
-10001), storing k_max proposals per state, and reads from the file:
+For each (env, LLM, mode) it runs `build_dataset.py` on expert and noisy-expert episodes (half each, the noisy ones
+acting at random half of the time, so that states off the expert's path count too; the eval seed 10001), storing
+k_max proposals per state, and reads from its header:
 - coverage@k: the share of states whose expert action is among the first k proposals (the k draws are independent,
   so a prefix is a k-sample; for `topk`, the top k);
 - expert_prob: the probability the proposal distribution gives the expert's action (`dist` and `topk` modes, at the
@@ -49,18 +50,16 @@ KEY = ["env", "model", "mode", "label"]
 def measure(env_id: str, model: str, mode: str, states: int, ks: list[int], backend: str, extra: list[str],
             out: str, cache: str, seed: int) -> tuple[dict, str]:  # fmt: skip
     """Build the expert dataset and read the prior's quality from it -> (row, the command)."""
-    cmd = ["build_dataset.py", "--env", env_id, "--transitions", str(states), "--mix.expert", "1", "--mix.noisy", "0",
-           "--mix.random", "0", "--success-share", "None", "--seed", str(seed), "--k", str(max(ks)), "--out", out,
-           "--prior.model", model, "--prior.mode", mode, "--prior.backend", backend, "--prior.cache", cache,
-           *prior_args(extra)]  # fmt: skip
+    cmd = ["build_dataset.py", "--env", env_id, "--transitions", str(states), "--mix.expert", "0.5", "--mix.noisy",
+           "0.5", "--mix.random", "0", "--success-share", "None", "--seed", str(seed), "--k", str(max(ks)),
+           "--out", out, "--prior.model", model, "--prior.mode", mode, "--prior.backend", backend, "--prior.cache",
+           cache, *prior_args(extra)]  # fmt: skip
     result = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"build_dataset.py failed for {env_id} {model} {mode}:\n{result.stderr[-2000:]}")
     with open(out) as f:
         header = json.loads(f.readline())
-        records = [json.loads(line) for line in f]
-    row = {f"coverage@{k}": round(sum(r["action"] in r["proposals"][:k] for r in records) / len(records), 3)
-           for k in ks}  # fmt: skip
+    row = {f"coverage@{k}": round(header["expert_coverage_at_k"][k - 1], 3) for k in ks}
     p, u = header["expert_action_prob"], header["uniform_prob"]
     row.update(expert_prob=None if p is None else round(p, 3), uniform_prob=round(u, 3),
                equivalent_q=None if p is None else round((p - u) / (1 - u), 3),
@@ -68,7 +67,7 @@ def measure(env_id: str, model: str, mode: str, states: int, ks: list[int], back
                llm_queries=header["prior_queries"], prior=header["prior"],
                seconds_per_query=None if header["prior_seconds_per_query"] is None else
                round(header["prior_seconds_per_query"], 2))  # fmt: skip
-    return {"states": len(records), **row}, "python " + " ".join(map(show_path, hide_secrets(cmd)))
+    return {"states": header["transitions"], **row}, "python " + " ".join(map(show_path, hide_secrets(cmd)))
 
 
 def main(argv=None) -> int:

@@ -409,9 +409,15 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, counts: dict[str, int] |
     domain, grammar = Path(ALFRED_PDDL_PATH).read_text(), Path(ALFRED_TWL2_PATH).read_text()
     engine = _make_engine()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    specs = plan_tasks(seed, counts)
+    start = last = time.perf_counter()
     try:
-        for spec in plan_tasks(seed, counts):
+        for i, spec in enumerate(specs):
             _write_game(spec, seed, tmp / "json_2.1.1" / spec.split, domain, grammar, engine)
+            if time.perf_counter() - last >= 30 or i == 0:  # each game is checked solvable: ~1 s
+                last = time.perf_counter()
+                print(f"generating ALFWorld games into {out_dir}: {i + 1}/{len(specs)}, "
+                      f"{(last - start) / (i + 1) * (len(specs) - i - 1):.0f} s left", flush=True)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

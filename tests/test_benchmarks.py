@@ -222,7 +222,7 @@ def test_smoke_prior_quality(smoke):
     assert [(r["env"], r["mode"]) for r in rows] == [("overcooked-tomato", "dist"), ("overcooked-tomato", "map")]
     for r in rows:
         assert 0.0 <= float(r["coverage@1"]) <= float(r["coverage@5"]) <= 1.0 and int(r["states"]) >= 5
-        assert r["command"].startswith("python build_dataset.py") and "--mix.expert 1" in r["command"]
+        assert r["command"].startswith("python build_dataset.py") and "--mix.expert 0.5" in r["command"]
     p, u, q = float(rows[0]["expert_prob"]), float(rows[0]["uniform_prob"]), float(rows[0]["equivalent_q"])
     assert 0 < p < 1 and u == 0.2 and q == pytest.approx((p - u) / (1 - u), abs=2e-3)
     assert rows[1]["expert_prob"] == "" and rows[1]["expert_rank"] == ""
