@@ -304,7 +304,13 @@ def test_build_dataset_workers_write_the_same_file(tiny_lm_dir, tmp_path):
         header_one, header_two = json.loads(lines_one[0]), json.loads(lines_two[0])
         for h in (header_one, header_two):
             h.pop("prior_queries"), h.pop("prior_seconds_per_query")
-        assert header_one == header_two
+        # The workers run torch with fewer threads than the single process, so matrix products sum in another order
+        # and the prior's probabilities differ in the last bits (seen: 1e-11): the drawn proposals above are equal,
+        # the averaged probability in the header equal to float tolerance.
+        floats = {key for key, value in header_one.items() if isinstance(value, float)}
+        assert {key: header_two[key] for key in floats} == pytest.approx({key: header_one[key] for key in floats})
+        assert {key: v for key, v in header_one.items() if key not in floats} == \
+            {key: v for key, v in header_two.items() if key not in floats}
 
 
 @pytest.mark.slow
