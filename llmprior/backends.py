@@ -63,7 +63,7 @@ def continuation_ids(tokenizer, prompt: str, action: str) -> tuple[list[int], li
 
 
 class TransformersBackend:
-    SCORE_CHUNK = 32  # actions per batched forward; bounds memory (logits are chunk x tokens x vocab)
+    SCORE_CHUNK = 64  # actions (and tree nodes) per forward: bounds the logits kept at once (rows x 262k on Gemma)
 
     def __init__(self, model: str, device, dtype: Optional[str] = None) -> None:
         import torch
@@ -121,40 +121,121 @@ class TransformersBackend:
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def score(self, prompt: str, actions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """One forward over the prompt, then all actions in one more forward, as a token trie (tree attention): each
+        trie node is one input position that sees the prompt's KV cache and its own ancestors, so a prefix shared by
+        several actions ("go to ...", "take ... from ...") runs once and nothing is padded, and the LM head (262k
+        rows on Gemma, most of the cost) runs once, only at the nodes whose next token is scored. Where the tree
+        does not apply (a sliding-window layer whose window the prompt fills, a model without a separate LM head)
+        the actions go as one padded batch against the prompt's repeated cache, the LM head at every position."""
         torch = self.torch
-        # One forward over the prompt, then its KV cache, repeated along the batch, serves all actions in one padded
-        # forward: the prompt is not re-encoded per action.
         pairs = [continuation_ids(self.tokenizer, prompt, a) for a in actions]
-        prompt_ids = pairs[0][0]
-        action_ids = [ids for _, ids in pairs]
+        prompt_ids, action_ids = pairs[0][0], [ids for _, ids in pairs]
         scores = np.zeros(len(actions))
         with torch.no_grad():
-            p = torch.tensor([prompt_ids], device=self.device)
-            out = self.model(input_ids=p, use_cache=True, logits_to_keep=1)  # the LM head only where it is needed
-            first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-            for start in range(0, len(actions), self.SCORE_CHUNK):
+            out = self.model(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=True,
+                             logits_to_keep=1)  # fmt: skip
+            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            for start in range(0, len(actions), self.SCORE_CHUNK):  # bounds memory: rows x positions x vocab
+                cache = out.cache if start + self.SCORE_CHUNK >= len(actions) else copy.deepcopy(out.cache)
                 chunk = action_ids[start : start + self.SCORE_CHUNK]
-                n, width = len(chunk), max(len(ids) for ids in chunk)
-                ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=self.device)
-                mask = torch.zeros((n, len(prompt_ids) + width), dtype=torch.long, device=self.device)
-                mask[:, : len(prompt_ids)] = 1
-                for i, a in enumerate(chunk):
-                    ids[i, : len(a)] = torch.tensor(a, device=self.device)
-                    mask[i, len(prompt_ids) : len(prompt_ids) + len(a)] = 1
-                cache = copy.deepcopy(out.cache)
-                cache.batch_repeat_interleave(n)
-                positions = torch.arange(len(prompt_ids), len(prompt_ids) + width, device=self.device).expand(n, -1)
-                logits = self.model(
-                    input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-                ).logits
-                # log p(token j | prompt, tokens < j) for j >= 1 comes from position j-1; token 0 from the prompt's end.
-                logits = logits[:, :-1].float()
-                target = ids[:, 1:].unsqueeze(-1)
-                token_logps = logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-                real = mask[:, len(prompt_ids) + 1 :].to(token_logps.dtype)  # 0 on padding
-                total = first_logp[ids[:, 0]] + (token_logps * real).sum(-1)
-                scores[start : start + n] = total.double().cpu().numpy()
+                tree = self._tree_fits(len(prompt_ids) + max(map(len, chunk)))
+                logps = (self._tree_logps if tree else self._padded_logps)(chunk, len(prompt_ids), first, cache)
+                scores[start : start + len(chunk)] = logps
         return scores, np.array([len(a) for a in action_ids], dtype=np.float64)
+
+    def _tree_fits(self, length: int) -> bool:
+        """The tree's attention mask replaces the model's own: a model that names its layer types (Gemma 3, Qwen)
+        takes one mask per type, so a sliding window is applied here; any other model only while no window (if it
+        has one) cuts into the sequence."""
+        config = self.model.config
+        window = getattr(config, "sliding_window", None)
+        per_type = bool(getattr(config, "layer_types", None))
+        return hasattr(self.model, "lm_head") and hasattr(self.model, "model") and (per_type or not window
+                                                                                  or length < window)  # fmt: skip
+
+    def _tree_logps(self, action_ids: list[list[int]], prompt_len: int, first, cache) -> np.ndarray:
+        torch = self.torch
+        children: list[dict[int, int]] = [{}]  # node -> {token: child}; node 0 is the prompt's end
+        token, parent, depth, ends = [-1], [-1], [0], []
+        for ids in action_ids:
+            node = 0
+            for t in ids:
+                if t not in children[node]:
+                    children[node][t] = len(token)
+                    children.append({}), token.append(t), parent.append(node), depth.append(depth[node] + 1)
+                node = children[node][t]
+            ends.append(node)
+        fed = [n for n in range(1, len(token)) if children[n]]  # the nodes whose next token is scored
+        logp = torch.zeros(len(token), dtype=torch.float64)  # log p(path to the node | prompt)
+        kids = list(children[0].items())
+        logp[[c for _, c in kids]] = first[[t for t, _ in kids]].double().cpu()
+        if fed:
+            row = {n: i for i, n in enumerate(fed)}
+            allowed = torch.zeros((len(fed), prompt_len + len(fed)), dtype=torch.bool)
+            allowed[:, :prompt_len] = True
+            for i, n in enumerate(fed):
+                while n > 0:  # itself and its ancestors (all fed: they have children)
+                    allowed[i, prompt_len + row[n]] = True
+                    n = parent[n]
+            positions = torch.tensor([prompt_len + depth[n] - 1 for n in fed])
+            mask = self._additive(allowed)
+            config = self.model.config
+            if getattr(config, "layer_types", None):  # one mask per layer type
+                masks = {"full_attention": mask}
+                window = getattr(config, "sliding_window", None)
+                if window:  # a sliding layer's cache keeps the prompt's last window - 1 positions
+                    kept = min(prompt_len, window - 1)
+                    sliding = allowed[:, prompt_len - kept :].clone()
+                    seen = torch.arange(prompt_len - kept, prompt_len)
+                    sliding[:, :kept] = positions[:, None] - seen[None, :] < window
+                    sliding[:, kept:] &= positions[:, None] - positions[None, :] < window  # deep actions, tiny windows
+                    masks["sliding_attention"] = self._additive(sliding)
+                mask = {t: masks.get(t, mask) for t in set(config.layer_types)}
+            hidden = self.model.model(
+                input_ids=torch.tensor([[token[n] for n in fed]], device=self.device),
+                attention_mask=mask,
+                position_ids=positions[None].to(self.device),
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state[0]
+            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            for lo in range(0, len(fed), self.SCORE_CHUNK):  # bounds the logits' memory (rows x vocab)
+                logits = self.model.lm_head(hidden[lo : lo + self.SCORE_CHUNK]).float()
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                step = torch.log_softmax(logits, dim=-1).double().cpu()
+                for i, n in enumerate(fed[lo : lo + self.SCORE_CHUNK]):
+                    for t, c in children[n].items():
+                        logp[c] = step[i, t]
+            for n in fed:  # ancestors come first (a child has a larger index than its parent)
+                for c in children[n].values():
+                    logp[c] += logp[n]
+        return logp[ends].numpy()
+
+    def _additive(self, allowed):
+        """A boolean (query x key) mask as the 4-D additive mask models take as given: 0 where allowed."""
+        torch, dtype = self.torch, self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask[None, None].to(self.device)
+
+    def _padded_logps(self, action_ids: list[list[int]], prompt_len: int, first, cache) -> np.ndarray:
+        torch = self.torch
+        n, width = len(action_ids), max(len(ids) for ids in action_ids)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((n, prompt_len + width), dtype=torch.long, device=self.device)
+        mask[:, :prompt_len] = 1
+        for i, a in enumerate(action_ids):
+            ids[i, : len(a)] = torch.tensor(a, device=self.device)
+            mask[i, prompt_len : prompt_len + len(a)] = 1
+        cache.batch_repeat_interleave(n)
+        positions = torch.arange(prompt_len, prompt_len + width, device=self.device).expand(n, -1)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                            use_cache=True).logits  # fmt: skip
+        # log p(token j | prompt, tokens < j) for j >= 1 comes from position j-1; token 0 from the prompt's end.
+        logits = logits[:, :-1].float()
+        token_logps = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        real = mask[:, prompt_len + 1 :].to(token_logps.dtype)  # 0 on padding
+        return (first[ids[:, 0]] + (token_logps * real).sum(-1)).double().cpu().numpy()
 
     def sample_choices(self, prompt: str, actions: list[str], k: int, seed: int) -> list[str]:
         # A token trie over the actions (tokenised as they follow the prompt); EOS only where an action is complete.

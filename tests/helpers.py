@@ -60,13 +60,13 @@ def tiny_tokenizer(corpus, vocab_size=500):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
 
 
-TINY_KINDS = ("llama", "gemma3-sliding", "t5", "bert")
+TINY_KINDS = ("llama", "gemma3-sliding", "gemma3-wide", "t5", "bert")
 
 
 def make_tiny_model(kind, folder, corpus, vocab_size=500, max_position_embeddings=2048) -> str:
     """A random LM + BPE tokenizer saved as a local HF folder (the same load path as a real model); seeded, so the
     same arguments give the same weights. kind: "llama", "gemma3-sliding" (sliding-window layers with a window
-    shorter than the prompts: padding and the KV cache must stay exact), "t5" (seq2seq) or "bert" (an encoder, for
+    shorter than the prompts: padding and the KV cache must stay exact), "gemma3-wide" (the same, a window of 512), "t5" (seq2seq) or "bert" (an encoder, for
     `--encoder` where the embedded MiniLM is not installed)."""
     import torch
     from transformers import (AutoModelForCausalLM, BertConfig, BertModel, Gemma3TextConfig, LlamaConfig, T5Config,
@@ -82,9 +82,9 @@ def make_tiny_model(kind, folder, corpus, vocab_size=500, max_position_embedding
                              num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
                              bos_token_id=tok.bos_token_id, **ids)  # fmt: skip
         model = AutoModelForCausalLM.from_config(config)
-    elif kind == "gemma3-sliding":
+    elif kind in ("gemma3-sliding", "gemma3-wide"):
         config = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=1, head_dim=8, sliding_window=8,
+                                  num_key_value_heads=1, head_dim=8, sliding_window=8 if kind == "gemma3-sliding" else 512,
                                   max_position_embeddings=max_position_embeddings,
                                   layer_types=["sliding_attention", "full_attention"], bos_token_id=tok.bos_token_id,
                                   **ids)  # fmt: skip

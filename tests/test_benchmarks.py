@@ -18,6 +18,7 @@ import fig3_online  # noqa: E402
 import fig4_ablations  # noqa: E402
 import plot  # noqa: E402
 import prior_quality  # noqa: E402
+import prior_speed  # noqa: E402
 import prior_sweep  # noqa: E402
 import table1_offline  # noqa: E402
 import table2_generalisation  # noqa: E402
@@ -135,7 +136,7 @@ def test_smallest_dataset_reaching_a_return():
 
 def test_every_entry_has_three_budgets_and_a_dry_run(capsys):
     for entry in (fig3_online, fig4_ablations, table1_offline, table2_generalisation, table12_cache, prior_quality,
-                  prior_sweep):
+                  prior_speed, prior_sweep):
         assert set(entry.BUDGET) == set(common.BUDGETS), entry.__name__
         for budget in common.BUDGETS:
             assert entry.main(["--budget", budget, "--dry-run", "--runs-dir", "/nonexistent/runs",
@@ -231,6 +232,16 @@ def test_smoke_prior_quality(smoke):
     rows = read_rows(smoke, "prior_quality_smoke")
     assert [r["label"] for r in rows] == ["default", "default", "mixed"]
     assert float(rows[2]["equivalent_q"]) == pytest.approx(0.0, abs=1e-9)  # all uniform
+
+
+def test_smoke_prior_speed(smoke):
+    """Seconds per state of the tree scoring next to the floor and the padded reference, whose scores it matches."""
+    assert prior_speed.main(["--budget", "smoke", *smoke["dirs"], "--models", smoke["lm"], "--modes", "dist",
+                             "map"]) == 0  # fmt: skip
+    (row,) = read_rows(smoke, "prior_speed_smoke")
+    assert row["env"] == "overcooked-tomato" and int(row["states"]) == 3 and float(row["actions_per_state"]) == 5
+    assert all(float(row[c]) > 0 for c in ("floor_s", "dist_tree_s", "dist_padded_s", "map_s"))
+    assert float(row["max_score_difference"]) < 1e-4 and row["command"].startswith("OMP_NUM_THREADS=")
 
 
 def test_smoke_prior_sweep(smoke):

@@ -227,6 +227,29 @@ def test_dist_scores_match_slow_reference(tiny_lm_dir, monkeypatch):
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3-wide", "gemma3-sliding"])
+def test_tree_and_padded_scoring_both_match_slow_reference(tiny_model, kind, monkeypatch):
+    """score() runs the actions as one token trie under a tree attention mask (per layer type, so a sliding window
+    shorter than the prompt, and than an action, is applied in it), or as a padded batch: both give the reference."""
+    prior = make_prior(tiny_model(kind, CORPUS, vocab_size=400, max_position_embeddings=1024), mode="dist")
+    long_action = "put the chopped tomato in the bowl, then go to cabinet 2 and take the plate from it"
+    backend, actions = prior.backend, CABINETS + TOMATO_ACTIONS + [long_action]
+    prompt_len = len(backend.tokenizer(PROMPT).input_ids)
+    assert len(continuation_ids(backend.tokenizer, PROMPT, long_action)[1]) > 10  # longer than the sliding window
+    assert prompt_len > 8 and backend._tree_fits(prompt_len + 8)
+    ref = slow_scores(prior, PROMPT, actions)
+    used = []
+    for path in ("_tree_logps", "_padded_logps"):
+        original = getattr(backends.TransformersBackend, path)
+        monkeypatch.setattr(backends.TransformersBackend, path,
+                            lambda self, *a, _f=original, _p=path: used.append(_p) or _f(self, *a))  # fmt: skip
+    np.testing.assert_allclose(backend.score(PROMPT, actions)[0], ref, atol=1e-5, rtol=1e-6)  # long actions: scores near -200
+    assert used == ["_tree_logps"]
+    monkeypatch.setattr(backends.TransformersBackend, "_tree_fits", lambda self, length: False)
+    np.testing.assert_allclose(backend.score(PROMPT, actions)[0], ref, atol=1e-5, rtol=1e-6)  # long actions: scores near -200
+    assert used[-1] == "_padded_logps"
+
+
 def test_dist_temperature_flattens_the_proposal_distribution(tiny_lm_dir):
     """dist samples from softmax(log p(a|s) / T): T = 1 is the LLM's distribution, large T nearly uniform."""
     scores = make_prior(tiny_lm_dir).backend.score(PROMPT, TOMATO_ACTIONS)[0]

@@ -1,0 +1,152 @@
+"""The cost of the prior: seconds per state of `dist` scoring, next to the floor (the prompt's forward pass alone).
+
+Along noisy expert episodes of each env (the scripts' prompts, the env's default history), it times for every state:
+- `floor`: one forward over the prompt, keeping the last position's logits (what any scoring must at least do);
+- `tree`: llmprior's `TransformersBackend.score` (the prompt once, then all actions in one forward as a token trie
+  under a tree attention mask, the LM head only at the nodes whose next token is scored);
+- `padded`: the previous implementation, kept here as the reference: every action in one padded batch against the
+  prompt's cache, the LM head at every position;
+and checks that tree and padded give the same scores. `map` sampling (k = 5 free-form samples of 10 tokens) is timed
+with --modes map. Wall-clock with OMP_NUM_THREADS threads (set it; 1 is the measured default), first state excluded.
+
+    OMP_NUM_THREADS=1 python benchmarks/prior_speed.py                       # embedded Gemma, 4 envs, 20 states each
+    OMP_NUM_THREADS=2 python benchmarks/prior_speed.py --envs alfworld-pick --states 10
+
+Writes results/prior_speed.csv (a row per env, model and thread count; rows of other selections are kept).
+"""
+
+import copy
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import _key, common_parser, git_commit, markdown_table, merge_rows, write_csv  # noqa: E402
+
+ENTRY = "prior_speed"
+BUDGET = {"smoke": dict(envs=["overcooked-tomato"], states=3),
+          "small": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick"], states=20),
+          "paper": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick"], states=50)}
+KEY = ["env", "model", "threads"]
+
+
+def states_of(env_id: str, n: int, seed: int = 10_001) -> list[tuple[str, list[str]]]:
+    """(prompt, admissible actions) of the first n states of noisy expert episodes (a random action half the time)."""
+    import envs
+    from llmprior.prompts import build_prompt, default_history
+
+    env = envs.make(env_id, **({"expert": True} if env_id.startswith("alfworld") else {}))
+    rng, out, episode = np.random.default_rng(seed), [], 0
+    while len(out) < n:
+        obs, info = env.reset(seed=seed + episode)
+        history, done = [], False
+        while not done and len(out) < n:
+            admissible, h = list(info["admissible_actions"]), default_history(env_id)
+            out.append((build_prompt(env_id, info["task"], obs, admissible, history[-h:] if h else []), admissible))
+            expert = info.get("expert_action")
+            action = expert if expert is not None and rng.random() < 0.5 else admissible[rng.integers(len(admissible))]
+            history.append((obs, action))
+            obs, _, terminated, truncated, info = env.step(action)
+            done = terminated or truncated
+        episode += 1
+    return out
+
+
+def padded_scores(backend, prompt: str, actions: list[str]) -> np.ndarray:
+    """The previous scoring: all actions in one padded batch against the prompt's repeated cache, logits everywhere."""
+    import torch
+
+    from llmprior.backends import continuation_ids
+
+    pairs = [continuation_ids(backend.tokenizer, prompt, a) for a in actions]
+    prompt_ids, action_ids = pairs[0][0], [ids for _, ids in pairs]
+    with torch.no_grad():
+        out = backend.model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
+        first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        n, width = len(action_ids), max(len(ids) for ids in action_ids)
+        ids = torch.full((n, width), backend.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, len(prompt_ids) + width), dtype=torch.long)
+        mask[:, : len(prompt_ids)] = 1
+        for i, a in enumerate(action_ids):
+            ids[i, : len(a)] = torch.tensor(a)
+            mask[i, len(prompt_ids) : len(prompt_ids) + len(a)] = 1
+        cache = copy.deepcopy(out.cache)
+        cache.batch_repeat_interleave(n)
+        positions = torch.arange(len(prompt_ids), len(prompt_ids) + width).expand(n, -1)
+        logits = backend.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                               use_cache=True).logits[:, :-1].float()  # fmt: skip
+        token_logps = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        real = mask[:, len(prompt_ids) + 1 :].to(token_logps.dtype)
+        return (first_logp[ids[:, 0]] + (token_logps * real).sum(-1)).double().numpy()
+
+
+def floor(backend, prompt: str) -> None:
+    import torch
+
+    with torch.no_grad():
+        backend.model(input_ids=torch.tensor([backend.tokenizer(prompt).input_ids]), logits_to_keep=1)
+
+
+def timed(fn, *args) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def main(argv=None) -> int:
+    parser = common_parser(__doc__)
+    parser.add_argument("--envs", nargs="+", default=None)
+    parser.add_argument("--models", nargs="+", default=["gemma"])
+    parser.add_argument("--states", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", choices=["dist", "map"], default=["dist"])
+    args = parser.parse_args(argv)
+    b = BUDGET[args.budget]
+    envs_, n = args.envs or b["envs"], args.states or b["states"]
+    if args.dry_run:
+        print(f"would time {args.models} on {envs_}, {n} states each, modes {args.modes}")
+        return 0
+    import torch
+
+    from llmprior.backends import TransformersBackend
+
+    threads, commit, rows = torch.get_num_threads(), git_commit(), []
+    command = f"OMP_NUM_THREADS={threads} python benchmarks/prior_speed.py " + " ".join(argv if argv is not None
+                                                                                       else sys.argv[1:])
+    for model in args.models:
+        backend = TransformersBackend(model, torch.device("cpu"))
+        for env_id in envs_:
+            states = states_of(env_id, n + 1)
+            times: dict[str, list[float]] = {"floor": [], "tree": [], "padded": [], "map": []}
+            worst = 0.0
+            for i, (prompt, actions) in enumerate(states):
+                t_floor, _ = timed(floor, backend, prompt)
+                t_tree, (tree, _) = timed(backend.score, prompt, actions)
+                t_padded, padded = timed(padded_scores, backend, prompt, actions)
+                worst = max(worst, float(np.abs(tree - padded).max()))
+                t_map = timed(backend.sample, prompt, 5, i)[0] if "map" in args.modes else None
+                if i:  # the first state warms up
+                    for name, t in (("floor", t_floor), ("tree", t_tree), ("padded", t_padded), ("map", t_map)):
+                        if t is not None:
+                            times[name].append(t)
+            mean = {name: float(np.mean(t)) if t else None for name, t in times.items()}
+            rows.append({"env": env_id, "model": model, "threads": threads, "states": n,
+                         "actions_per_state": round(float(np.mean([len(a) for _, a in states[1:]])), 1),
+                         "floor_s": round(mean["floor"], 3), "dist_tree_s": round(mean["tree"], 3),
+                         "dist_padded_s": round(mean["padded"], 3),
+                         "tree_over_floor": round(mean["tree"] / mean["floor"], 2),
+                         "map_s": None if mean["map"] is None else round(mean["map"], 3),
+                         "max_score_difference": worst, "commit": commit, "command": command})  # fmt: skip
+            print(" ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+    path = os.path.join(args.results_dir, f"{ENTRY}{'' if args.budget == 'small' else '_' + args.budget}.csv")
+    rows = merge_rows(path, rows, KEY, {_key(r, KEY) for r in rows})
+    write_csv(rows, path)
+    print(markdown_table(rows, ["env", "model", "threads", "actions_per_state", "floor_s", "dist_tree_s",
+                                "dist_padded_s", "tree_over_floor", "map_s", "max_score_difference"]))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
