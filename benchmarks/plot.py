@@ -95,6 +95,47 @@ def plot_bars(path: str, table: list[dict], group: str, bar: str, y: str, title:
     plt.close(fig)
 
 
+def plot_sweep(path: str, rows: list[dict], quality: list[dict]):
+    """Performance against the synthetic prior's quality Q, a panel per (part, env): online the final eval success,
+    offline the final eval return, mean ± s.e. over seeds; a prior-free baseline as a dotted line with its band; an
+    LLM's measured quality (prior_quality.csv: equivalent Q of the default `dist` prior) as a dashed vertical line."""
+    plt = _plt()
+    panels = list(dict.fromkeys((r["part"], r["env"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (part, env) in zip(axes[0], panels):
+        y = "final_success" if part == "online" else "final_return"
+        members = [r for r in rows if (r["part"], r["env"]) == (part, env) and r.get(y) is not None]
+        baseline_styles = iter([":", "-.", (0, (1, 3))])
+        for algo in dict.fromkeys(r["algo"] for r in members):
+            mine = [r for r in members if r["algo"] == algo]
+            qs = sorted({r["q"] for r in mine if r["q"] is not None})
+            if qs:
+                stats = [mean_se(r[y] for r in mine if r["q"] == q) for q in qs]
+                _band(ax, qs, [m for m, _, _ in stats], [se for _, se, _ in stats], algo)
+            else:
+                m, se, _ = mean_se(r[y] for r in mine)
+                ax.axhline(m, color="black", linestyle=next(baseline_styles), label=f"{algo} (no prior)")
+                ax.axhspan(m - se, m + se, color="black", alpha=0.08, linewidth=0)
+        for r in quality:
+            if r["env"] == str(env).split(":")[0] and r["mode"] == "dist" and r.get("label", "default") == "default":
+                q = r.get("equivalent_q")
+                if q is None and r.get("expert_prob") is not None:
+                    q = (r["expert_prob"] - r["uniform_prob"]) / (1 - r["uniform_prob"])
+                if q is not None:
+                    ax.axvline(q, color="grey", linestyle="--", linewidth=1)
+                    ax.text(q, ax.get_ylim()[1], f" {r['model']}", rotation=90, va="top", fontsize=6, color="grey")
+        ax.set_title(f"{part}: {env}")
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_xlabel("synthetic prior quality Q")
+        ax.set_ylabel(y.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Performance against prior quality (mean ± s.e. over seeds; dashed: an LLM's measured Q)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", default=RESULTS)
@@ -146,6 +187,9 @@ def main(argv=None) -> int:
                 for r in rows for c, v in r.items() if c.startswith("coverage@")]  # fmt: skip
         plot_curves(out("prior_quality"), long, "env", ["series"], "k", "coverage", "k proposals",
                     "Prior quality: share of expert states whose expert action is among k proposals")  # fmt: skip
+    if have("prior_sweep"):
+        quality = read_csv(csv_path("prior_quality")) if have("prior_quality") else []
+        plot_sweep(out("prior_sweep"), read_csv(csv_path("prior_sweep")), quality)
     for path in made:
         print(f"wrote {show_path(path)}")
     if not made:
