@@ -193,15 +193,15 @@ class LLMPrior:
         for k, v in counters.items():
             setattr(self, k, v)
 
-    def _key(self, what: str, prompt: str, admissible: list[str], **extra) -> str:
+    def _key(self, what: str, prompt: str, admissible: list[str], identity: str = "", **extra) -> str:
         from llmprior.cache import make_key
 
-        return make_key(what=what, identity=self.identity, numerics=self.backend.numerics, prompt=prompt,
-                        admissible=list(admissible), **extra)  # fmt: skip
+        return make_key(what=what, identity=identity or self.identity, numerics=self.backend.numerics,
+                        prompt=prompt, admissible=list(admissible), **extra)  # fmt: skip
 
     def _llm_scores(self, prompt: str, actions: list[str]) -> np.ndarray:
         """[n, 2]: each action's summed log-probability and token count, cached."""
-        key = self._key("scores", prompt, actions)
+        key = self._key("scores", prompt, actions, identity=self.identity.rsplit(":", 1)[0])  # the same in any mode
         hit = self.cache.get(key)
         if hit is None:
             self.llm_calls += 1

@@ -351,7 +351,7 @@ def test_cache_hit_skips_the_llm(tiny_lm_dir, tmp_path, monkeypatch):
         restarted.propose(PROMPT, TOMATO_ACTIONS, 4)
 
 
-def test_dist_scores_are_cached_so_other_k_and_temperatures_cost_no_llm_call(tiny_lm_dir, tmp_path, monkeypatch):
+def test_dist_scores_are_cached_so_other_k_temperatures_and_modes_cost_no_llm_call(tiny_lm_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMPRIOR_CACHE", str(tmp_path))
     prior = make_prior(tiny_lm_dir, mode="dist", cache="disk")
     five = prior.propose(PROMPT, TOMATO_ACTIONS, 5)
@@ -362,6 +362,9 @@ def test_dist_scores_are_cached_so_other_k_and_temperatures_cost_no_llm_call(tin
     hot.backend.score = None  # any LLM call fails
     assert len(hot.propose(PROMPT, TOMATO_ACTIONS, 10)) == 10 and hot.queries == 0
     assert prior.propose(PROMPT, TOMATO_ACTIONS, 5) == five and prior.queries == 1
+    top = make_prior(tiny_lm_dir, mode="topk", cache="disk")  # the scores do not depend on the mode
+    top.backend.score = None
+    assert len(top.propose(PROMPT, TOMATO_ACTIONS, 3)) == 3 and top.queries == 0
 
 
 def test_proposal_cache_kinds_and_restart(tmp_path):
