@@ -77,9 +77,11 @@ class PriorArgs:
     strings; `topk`: the k best-scored distinct actions"""
     dist_temperature: float = 3.0
     """temperature of `dist` over the actions' log-likelihoods; 1 = the LLM's own distribution"""
-    score_normalize: Literal["sum", "mean", "pmi"] = "sum"
-    """an action's score: the `sum` of its tokens' log-probabilities, their `mean`, or `pmi` (the sum minus the
-    action's sum after the content-free prompt "Action:")"""
+    score_normalize: Literal["auto", "sum", "mean", "pmi"] = "auto"
+    """an action's score: the `sum` of its tokens' log-probabilities (the paper's), their `mean`, or `pmi` (the sum
+    minus the action's sum after the content-free prompt "Action:"); `auto`: per env family, the one measured best
+    for the embedded prior (llmprior.prompts.default_score_normalize: mean on Overcooked, pmi on ALFWorld, sum
+    elsewhere)"""
     uniform_mix: float = 0.0
     """ε: proposals come from (1 − ε)·p_LLM + ε·uniform, so that every admissible action keeps a chance"""
     per_visit: bool = False
@@ -438,7 +440,7 @@ def shard_episodes(episodes: list[list[dict]], workers: int) -> list[list[int]]:
 def build(args: Args) -> dict:
     import envs
     from llmprior.data import load_dataset, write_dataset
-    from llmprior.prompts import default_history
+    from llmprior.prompts import default_history, default_score_normalize
 
     check(args.env in envs.ENV_IDS, f"--env {args.env}: unknown; one of {', '.join(envs.ENV_IDS)}")
     check_args(transitions=(args.transitions >= 1, ">= 1"), k=(args.k >= 0, ">= 0"),
@@ -453,6 +455,8 @@ def build(args: Args) -> dict:
     out = args.out or os.path.join("data", f"{args.env}_{args.transitions}_k{args.k}_seed{args.seed}.jsonl")
     weights = mix_weights(args.mix, args.k)
     history = args.history if args.history is not None else default_history(args.env)
+    if args.k > 0 and args.prior.score_normalize == "auto" and args.prior.backend != "synthetic":
+        args.prior.score_normalize = default_score_normalize(args.env)  # resolved: the header says which
     rng = np.random.default_rng(args.seed)
     # the synthetic prior proposes from the expert's action; the quality statistics compare against it
     kwargs = {"expert": True} if args.env.startswith("alfworld") else {}

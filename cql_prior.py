@@ -28,7 +28,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Optional
 
 import numpy as np
@@ -54,9 +54,11 @@ class PriorArgs:
     strings; `topk`: the k best-scored distinct actions"""
     dist_temperature: float = 3.0
     """temperature of `dist` over the actions' log-likelihoods; 1 = the LLM's own distribution"""
-    score_normalize: Literal["sum", "mean", "pmi"] = "sum"
-    """an action's score: the `sum` of its tokens' log-probabilities, their `mean`, or `pmi` (the sum minus the
-    action's sum after the content-free prompt "Action:")"""
+    score_normalize: Literal["auto", "sum", "mean", "pmi"] = "auto"
+    """an action's score: the `sum` of its tokens' log-probabilities (the paper's), their `mean`, or `pmi` (the sum
+    minus the action's sum after the content-free prompt "Action:"); `auto`: per env family, the one measured best
+    for the embedded prior (llmprior.prompts.default_score_normalize: mean on Overcooked, pmi on ALFWorld, sum
+    elsewhere)"""
     uniform_mix: float = 0.0
     """ε: proposals come from (1 − ε)·p_LLM + ε·uniform, so that every admissible action keeps a chance"""
     per_visit: bool = False
@@ -213,13 +215,18 @@ def train(args: Args) -> dict:
     reduction, eval_alpha, data_action = args.loss_reduction, args.eval_alpha, True
     if args.authors_code:
         args.prior.mode, reduction, eval_alpha, data_action = "map", "sum", 0.0, False
+    from llmprior.prompts import default_score_normalize
+
+    prior_args = args.prior  # with `auto` scoring resolved for this env (args stay as given, for --resume)
+    if prior_args.score_normalize == "auto" and prior_args.backend != "synthetic":
+        prior_args = replace(prior_args, score_normalize="sum" if args.authors_code else default_score_normalize(env_id))
 
     # The prior proposes as the dataset's did: its prompt history and seed (then a stored state gets its stored set).
     history = header.get("history") or 0
     prior_seed = header.get("prior_seed") if header.get("prior_seed") is not None else args.seed
     synthetic = args.k > 0 and args.prior.backend == "synthetic"
-    prior = LLMPrior(args.prior, prior_seed, device, args.authors_code) if args.k > 0 else None
-    problems = dataset_mismatch(header, env_id, prior.identity if prior else None, args.k, asdict(args.prior))
+    prior = LLMPrior(prior_args, prior_seed, device, args.authors_code) if args.k > 0 else None
+    problems = dataset_mismatch(header, env_id, prior.identity if prior else None, args.k, asdict(prior_args))
     check(not problems or args.allow_mismatch, f"{args.dataset} does not match this run: its {'; '.join(problems)}. "
           "Build the dataset with this run's settings, or pass --allow-mismatch to use its stored proposals")
     check(not synthetic or all(r["proposals"] is not None for r in records),
@@ -251,7 +258,7 @@ def train(args: Args) -> dict:
         if eval_k > 0:
             model = args.eval_prior_model or args.prior.model
             eval_prior = prior if prior and model == args.prior.model else LLMPrior(
-                PriorArgs(**{**asdict(args.prior), "model": model}), prior_seed, device, args.authors_code)
+                PriorArgs(**{**asdict(prior_args), "model": model}), prior_seed, device, args.authors_code)
         eval_agent = Agent(env_id, eval_k, eval_prior, encoder, q_network, history)
 
     # C(s) and C(s'): the stored proposals, else the prior's (its cache, then the LLM); every admissible action at k=0
@@ -344,7 +351,8 @@ def train(args: Args) -> dict:
                        "best_eval_return": s["best_eval"], "best_eval_step": s["best_step"],
                        "data_action_coverage": coverage, "dataset_prior_queries": queries,
                        "prior_queries": prior.queries if prior else 0,
-                       "prior_cache_hit_rate": prior.cache_hit_rate if prior else None})  # fmt: skip
+                       "prior_cache_hit_rate": prior.cache_hit_rate if prior else None,
+                       "prior_score_normalize": prior_args.score_normalize if prior else None})  # fmt: skip
 
 
 # ---------------- The prior's sampling rule ----------------
@@ -675,8 +683,9 @@ def dataset_mismatch(header: dict, env_id: str, identity: Optional[str], k: int,
         if header["k"] != k:
             problems.append(f"k {header['k']} (this run: {k})")
         stored = header.get("prior_args") or {}
+        ignored = ("dist_temperature", "score_normalize") if str(identity).startswith("synthetic:") else ()
         for name in PROPOSAL_SETTINGS:
-            if name in stored and stored[name] != prior_args[name]:
+            if name in stored and name not in ignored and stored[name] != prior_args[name]:
                 problems.append(f"--prior.{name.replace('_', '-')} {stored[name]} (this run: {prior_args[name]})")
     return problems
 

@@ -31,7 +31,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Optional
 
 import numpy as np
@@ -57,9 +57,11 @@ class PriorArgs:
     strings; `topk`: the k best-scored distinct actions"""
     dist_temperature: float = 3.0
     """temperature of `dist` over the actions' log-likelihoods; 1 = the LLM's own distribution"""
-    score_normalize: Literal["sum", "mean", "pmi"] = "sum"
-    """an action's score: the `sum` of its tokens' log-probabilities, their `mean`, or `pmi` (the sum minus the
-    action's sum after the content-free prompt "Action:")"""
+    score_normalize: Literal["auto", "sum", "mean", "pmi"] = "auto"
+    """an action's score: the `sum` of its tokens' log-probabilities (the paper's), their `mean`, or `pmi` (the sum
+    minus the action's sum after the content-free prompt "Action:"); `auto`: per env family, the one measured best
+    for the embedded prior (llmprior.prompts.default_score_normalize: mean on Overcooked, pmi on ALFWorld, sum
+    elsewhere)"""
     uniform_mix: float = 0.0
     """ε: proposals come from (1 − ε)·p_LLM + ε·uniform, so that every admissible action keeps a chance"""
     per_visit: bool = False
@@ -190,6 +192,11 @@ def train(args: Args) -> dict:
         args.prior.mode, reduction, eval_alpha = "map", "sum", 0.0
         if alfworld:
             epsilon, hard_copies, max_actions = 0.2, True, 30
+    from llmprior.prompts import default_history, default_score_normalize
+
+    prior_args = args.prior  # with `auto` scoring resolved for this env (args stay as given, for --resume)
+    if prior_args.score_normalize == "auto" and prior_args.backend != "synthetic":
+        prior_args = replace(prior_args, score_normalize="sum" if args.authors_code else default_score_normalize(args.env))
 
     # Envs (the expert's action, for the synthetic prior and for measuring the prior's coverage), prior, networks
     synthetic = args.k > 0 and args.prior.backend == "synthetic"
@@ -200,9 +207,8 @@ def train(args: Args) -> dict:
             eval_envs["eval_unseen"] = make_env(args.env, split="unseen", expert=synthetic)
         except ValueError as err:
             print(f"no unseen evaluation: {err}", flush=True)
-    prior = LLMPrior(args.prior, args.seed, device, args.authors_code) if args.k > 0 else None
+    prior = LLMPrior(prior_args, args.seed, device, args.authors_code) if args.k > 0 else None
     from llmprior.encoder import TextEncoder
-    from llmprior.prompts import default_history
 
     encoder = TextEncoder(args.encoder, device)
     q_network = QNetwork(encoder.dim).to(device)
@@ -347,6 +353,7 @@ def train(args: Args) -> dict:
     return run.finish({"device": str(device), "global_step": s["global_step"], "episodes": s["episode"], **final,
                        "best_eval_return": s["best_eval"], "prior_queries": prior.queries if prior else 0,
                        "prior_cache_hit_rate": prior.cache_hit_rate if prior else None,
+                       "prior_score_normalize": prior_args.score_normalize if prior else None,
                        "prior_coverage": s["covered"] / s["coverage_states"] if s["coverage_states"] else None})
 
 

@@ -28,7 +28,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Optional
 
 import numpy as np
@@ -54,9 +54,11 @@ class PriorArgs:
     strings; `topk`: the k best-scored distinct actions"""
     dist_temperature: float = 3.0
     """temperature of `dist` over the actions' log-likelihoods; 1 = the LLM's own distribution"""
-    score_normalize: Literal["sum", "mean", "pmi"] = "sum"
-    """an action's score: the `sum` of its tokens' log-probabilities, their `mean`, or `pmi` (the sum minus the
-    action's sum after the content-free prompt "Action:")"""
+    score_normalize: Literal["auto", "sum", "mean", "pmi"] = "auto"
+    """an action's score: the `sum` of its tokens' log-probabilities (the paper's), their `mean`, or `pmi` (the sum
+    minus the action's sum after the content-free prompt "Action:"); `auto`: per env family, the one measured best
+    for the embedded prior (llmprior.prompts.default_score_normalize: mean on Overcooked, pmi on ALFWorld, sum
+    elsewhere)"""
     uniform_mix: float = 0.0
     """ε: proposals come from (1 − ε)·p_LLM + ε·uniform, so that every admissible action keeps a chance"""
     per_visit: bool = False
@@ -236,11 +238,16 @@ def train(args: Args) -> dict:
     batch_size = args.num_envs * args.num_steps
     minibatch_size, num_iterations = batch_size // args.num_minibatches, args.total_timesteps // batch_size
     use_prior = args.k > 0 and (args.kl_coef > 0 or args.sub_action_space)
+    from llmprior.prompts import default_score_normalize
+
+    prior_args = args.prior  # with `auto` scoring resolved for this env (args stay as given, for --resume)
+    if prior_args.score_normalize == "auto" and prior_args.backend != "synthetic":
+        prior_args = replace(prior_args, score_normalize=default_score_normalize(args.env))
     synthetic = use_prior and args.prior.backend == "synthetic"
     alfworld = args.env.startswith("alfworld")
     slots = [EnvSlot(make_env(args.env, expert=synthetic or not alfworld)) for _ in range(args.num_envs)]
     eval_env = make_env(args.env, expert=synthetic)
-    prior = LLMPrior(args.prior, args.seed, device) if use_prior else None
+    prior = LLMPrior(prior_args, args.seed, device) if use_prior else None
     from llmprior.policy import finite_step, load_policy
     from llmprior.prompts import default_history, default_policy_history
 
@@ -333,6 +340,7 @@ def train(args: Args) -> dict:
                        "episodes": s["next_episode"] - args.num_envs, **final, "best_eval_return": s["best_eval"],
                        "prior_queries": prior.queries if prior else 0,
                        "prior_cache_hit_rate": prior.cache_hit_rate if prior else None,
+                       "prior_score_normalize": prior_args.score_normalize if prior else None,
                        "prior_coverage": s["covered"] / s["coverage_states"] if s["coverage_states"] else None,
                        "skipped_minibatches": s["skipped"]})  # fmt: skip
 

@@ -20,6 +20,20 @@ def default_history(env_id: str) -> int:
     return {"overcooked-tomato": 3, "overcooked-salad": 5}.get(env_id, 0)
 
 
+def default_score_normalize(env_id: str) -> str:
+    """What `--prior.score-normalize auto` means for an env: the scoring under which the embedded Gemma-3-270M's
+    `dist` proposals (k = 5, temperature 3) hold the expert's action most often, measured on 40+ expert and
+    noisy-expert states per env (benchmarks/prior_quality.py, results/prior_quality.csv, coverage@5):
+    Overcooked: the `mean` token log-probability (Tomato 0.76, Salad 0.65 against 0.71, 0.45 summed; uniform draws
+    0.67, 0.49); ALFWorld: `pmi` (0.38 against 0.20 summed; uniform 0.21); FrozenLake and the rest: the `sum`,
+    the paper's (FrozenLake 0.77 summed, 0.33 mean, 0.77 PMI; uniform 0.76)."""
+    if env_id.startswith("overcooked"):
+        return "mean"
+    if env_id.startswith("alfworld"):
+        return "pmi"
+    return "sum"
+
+
 def build_prompt(env_id: str, task: str, obs: str, admissible: list[str], history: list[tuple[str, str]]) -> str:
     """The prior's prompt for one state; `history` holds the last N (observation, action) pairs, already cut."""
     if env_id.startswith("overcooked"):

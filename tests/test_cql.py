@@ -302,6 +302,7 @@ def test_build_dataset_workers_write_the_same_file(tiny_lm_dir, tmp_path):
         lines_two = (tmp_path / "two.jsonl").read_text().splitlines()
         assert lines_one[1:] == lines_two[1:] and len(lines_one) > 20  # every record, proposals included
         header_one, header_two = json.loads(lines_one[0]), json.loads(lines_two[0])
+        assert header_one["prior_args"]["score_normalize"] == "mean"  # `auto`, resolved for Overcooked
         for h in (header_one, header_two):
             h.pop("prior_queries"), h.pop("prior_seconds_per_query")
         # The workers run torch with fewer threads than the single process, so matrix products sum in another order

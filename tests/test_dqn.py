@@ -298,6 +298,8 @@ def test_dqn_prior_with_the_real_embedded_models(env_id, tmp_path):
     summary = summary_of(result)
     assert summary["global_step"] == int(steps) and 0.0 <= summary["prior_cache_hit_rate"] <= 1.0
     assert "LLM queries" in result.stdout
+    # --prior.score-normalize auto: the scoring measured best for the env family
+    assert summary["prior_score_normalize"] == {"overcooked": "mean", "alfworld": "pmi"}.get(env_id.split("-")[0], "sum")
     if env_id.startswith("alfworld"):
         assert "eval_unseen/success_rate" in summary or env_id == "alfworld-examine"
     else:
