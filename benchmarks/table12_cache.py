@@ -1,12 +1,15 @@
 """Table 12 (cost): DQN-Prior with and without the proposal cache — wall-clock, LLM queries, peak memory.
 
-    per-step  --prior.cache off      the LLM is asked at every step (the paper's "DQN-Prior (query LLM per step)")
+    per-step  --prior.cache off --prior.per-visit
+                                     the LLM is asked at every step and k fresh proposals are drawn from its
+                                     answer (the paper's "DQN-Prior (query LLM per step)")
     memory    --prior.cache memory   proposals drawn once per prompt within the run (the paper's "DQN-Prior (Cache)")
     disk      --prior.cache disk     the same, persisted in a fresh SQLite file (what the scripts do by default)
     warm      --prior.cache disk     a second run on the disk variant's file: proposals any earlier run drew are free
 
-Proposals here are a deterministic function of (seed, prompt), so every variant learns exactly the same Q: only the
-cost differs (the paper's per-step variant also drew fresh proposals each step). Each variant gets its own cache
+The three cached variants draw a state's proposals once, as a deterministic function of (seed, prompt), so they learn
+exactly the same Q and only their cost differs; per-step draws anew at every visit, so it learns differently
+(and sees more of the admissible actions). Each variant gets its own cache
 file inside its job folder, so nothing is inherited from earlier runs or other benchmarks. Peak memory is the run's
 maximum resident set size (CPU; on a GPU box read nvidia-smi as well). Writes results/table12_cache.csv.
 
@@ -25,6 +28,7 @@ from common import (Job, common_parser, first_step_reaching, markdown_table, res
 
 ENTRY = "table12_cache"
 VARIANTS = {"per-step": "off", "memory": "memory", "disk": "disk"}
+PER_STEP = ["--prior.per-visit"]  # fresh proposals at each visit, as the paper's per-step queries gave
 BUDGET = {"smoke": dict(steps=12, eval_freq=12, extra=["--learning-starts", "4"]),
           "small": dict(steps=300, eval_freq=100, extra=[]),
           "paper": dict(steps=6000, eval_freq=500, extra=[])}  # fmt: skip
@@ -38,6 +42,7 @@ def jobs_for(budget: str, entry_dir: str, env: str, seeds: list[int]) -> list[Jo
         disk_cache = os.path.join(entry_dir, f"cache_seed{seed}.sqlite")  # shared by `disk` and `warm` only
         for variant, kind in [*VARIANTS.items(), ("warm", "disk")]:
             cache = ["--prior.cache", disk_cache if kind == "disk" else kind]
+            cache += PER_STEP if variant == "per-step" else []
             jobs.append(Job({"variant": variant, "env": env, "seed": seed}, "dqn_prior.py", [
                 "--env", env, "--seed", seed, "--exp-name", f"cache-{variant}", "--total-timesteps", b["steps"],
                 "--eval-freq", b["eval_freq"], "--eval-episodes", 1, "--k", 5, *cache, *b["extra"]]))  # fmt: skip
