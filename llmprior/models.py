@@ -59,6 +59,7 @@ def model_folder(name: str) -> tuple[str, str, bool]:
         target = _converted_dir(gemma.MODEL_NAME, gemma.EXPECTED_SHA256)
         if not (target / "config.json").is_file():  # the package assembles its file from parts: only when needed
             _convert_gguf(Path(gemma.assemble()), target)
+        _share(target)
         return str(target), target.name, True
     if name.lower() == "smollm2" or name.endswith(".gguf"):
         path = _smollm2_file() if name.lower() == "smollm2" else Path(name).expanduser()
@@ -67,11 +68,20 @@ def model_folder(name: str) -> tuple[str, str, bool]:
         target = _converted_dir(path.name, _sha256_file(path))
         if not (target / "config.json").is_file():
             _convert_gguf(path.resolve(), target)
+        _share(target)
         return str(target), target.name, True
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve()), str(path.resolve()), True
     return name, name, False
+
+
+def _share(folder: Path) -> None:
+    """A converted folder readable by every user, like the rest of ~/.cache: mkdtemp makes it private and
+    safetensors writes its file 0600 (a folder converted by an older version is repaired on load, if it is ours)."""
+    for path, mode in [(folder, 0o755), *((p, 0o644) for p in folder.iterdir())]:
+        if path.stat().st_mode & 0o777 != mode and path.stat().st_uid == os.getuid():
+            os.chmod(path, mode)
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -94,7 +104,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared like ~/.cache
+        _share(tmp)
         os.rename(tmp, target)
     except OSError:
         if not (target / "config.json").is_file():

@@ -1,8 +1,10 @@
 """The LLM prior: prompts, the projection of free text, the four modes over a backend's log-likelihoods and samples,
 per-visit proposals, the uniform mix, score normalisations, the caches, the HTTP and vLLM backends, and Gemma."""
 
+import glob
 import json
 import multiprocessing
+import os
 import socket
 import sys
 import http.server
@@ -632,3 +634,8 @@ def test_gemma_dist_on_tomato_start_and_converted_cache(monkeypatch):
     assert loads and all("gguf_file" not in kw for kw in loads)
     np.testing.assert_allclose(again.scores(prompt, TOMATO_ACTIONS), scores, atol=1e-6)
     assert again.propose(prompt, TOMATO_ACTIONS, 5) == proposals
+    from llmprior.models import model_folder
+
+    folder = model_folder("gemma")[0]  # readable by every user of a shared cache
+    assert all(os.stat(p).st_mode & 0o777 == (0o755 if os.path.isdir(p) else 0o644)
+               for p in [folder, *glob.glob(os.path.join(folder, "*"))])  # fmt: skip
