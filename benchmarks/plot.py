@@ -183,10 +183,14 @@ def main(argv=None) -> int:
                     "Table 2 on this machine: one Q (trained with k=5) acting with other k and LLMs")  # fmt: skip
     if have("prior_quality"):
         rows = read_csv(csv_path("prior_quality"))
-        long = [{"env": r["env"], "series": f"{r['model']} {r['mode']}", "k": int(c.split("@")[1]), "coverage": v}
+        drawn = ("default", "sum", "topk")  # the variants' other labels are in the CSV and docs/results.md
+        rows = [r for r in rows if r.get("label") in (None, *drawn)]
+        long = [{"env": r["env"], "series": " ".join(str(r[c]) for c in ("model", "mode", "label") if r.get(c)),
+                 "k": int(c.split("@")[1]), "coverage": v}
                 for r in rows for c, v in r.items() if c.startswith("coverage@")]  # fmt: skip
         plot_curves(out("prior_quality"), long, "env", ["series"], "k", "coverage", "k proposals",
-                    "Prior quality: share of expert states whose expert action is among k proposals")  # fmt: skip
+                    "Prior quality: share of expert states whose expert action is among k proposals (labels default, "
+                    "sum, topk)")  # fmt: skip
     if have("prior_sweep"):
         quality = read_csv(csv_path("prior_quality")) if have("prior_quality") else []
         plot_sweep(out("prior_sweep"), read_csv(csv_path("prior_sweep")), quality)
