@@ -440,7 +440,7 @@ def shard_episodes(episodes: list[list[dict]], workers: int) -> list[list[int]]:
 def build(args: Args) -> dict:
     import envs
     from llmprior.data import load_dataset, write_dataset
-    from llmprior.prompts import default_history, default_score_normalize
+    from llmprior.prompts import default_history, resolve_score_normalize
 
     check(args.env in envs.ENV_IDS, f"--env {args.env}: unknown; one of {', '.join(envs.ENV_IDS)}")
     check_args(transitions=(args.transitions >= 1, ">= 1"), k=(args.k >= 0, ">= 0"),
@@ -455,8 +455,8 @@ def build(args: Args) -> dict:
     out = args.out or os.path.join("data", f"{args.env}_{args.transitions}_k{args.k}_seed{args.seed}.jsonl")
     weights = mix_weights(args.mix, args.k)
     history = args.history if args.history is not None else default_history(args.env)
-    if args.k > 0 and args.prior.score_normalize == "auto" and args.prior.backend != "synthetic":
-        args.prior.score_normalize = default_score_normalize(args.env)  # resolved: the header says which
+    if args.k > 0:
+        args.prior = resolve_score_normalize(args.prior, args.env)  # the header says which scoring ran
     rng = np.random.default_rng(args.seed)
     # the synthetic prior proposes from the expert's action; the quality statistics compare against it
     kwargs = {"expert": True} if args.env.startswith("alfworld") else {}

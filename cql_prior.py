@@ -28,7 +28,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
@@ -215,11 +215,9 @@ def train(args: Args) -> dict:
     reduction, eval_alpha, data_action = args.loss_reduction, args.eval_alpha, True
     if args.authors_code:
         args.prior.mode, reduction, eval_alpha, data_action = "map", "sum", 0.0, False
-    from llmprior.prompts import default_score_normalize
+    from llmprior.prompts import resolve_score_normalize
 
-    prior_args = args.prior  # with `auto` scoring resolved for this env (args stay as given, for --resume)
-    if prior_args.score_normalize == "auto" and prior_args.backend != "synthetic":
-        prior_args = replace(prior_args, score_normalize="sum" if args.authors_code else default_score_normalize(env_id))
+    prior_args = resolve_score_normalize(args.prior, env_id, args.authors_code)
 
     # The prior proposes as the dataset's did: its prompt history and seed (then a stored state gets its stored set).
     history = header.get("history") or 0

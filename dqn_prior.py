@@ -31,7 +31,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
@@ -192,11 +192,9 @@ def train(args: Args) -> dict:
         args.prior.mode, reduction, eval_alpha = "map", "sum", 0.0
         if alfworld:
             epsilon, hard_copies, max_actions = 0.2, True, 30
-    from llmprior.prompts import default_history, default_score_normalize
+    from llmprior.prompts import default_history, resolve_score_normalize
 
-    prior_args = args.prior  # with `auto` scoring resolved for this env (args stay as given, for --resume)
-    if prior_args.score_normalize == "auto" and prior_args.backend != "synthetic":
-        prior_args = replace(prior_args, score_normalize="sum" if args.authors_code else default_score_normalize(args.env))
+    prior_args = resolve_score_normalize(args.prior, args.env, args.authors_code)
 
     # Envs (the expert's action, for the synthetic prior and for measuring the prior's coverage), prior, networks
     synthetic = args.k > 0 and args.prior.backend == "synthetic"

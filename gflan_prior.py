@@ -28,7 +28,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
@@ -238,11 +238,9 @@ def train(args: Args) -> dict:
     batch_size = args.num_envs * args.num_steps
     minibatch_size, num_iterations = batch_size // args.num_minibatches, args.total_timesteps // batch_size
     use_prior = args.k > 0 and (args.kl_coef > 0 or args.sub_action_space)
-    from llmprior.prompts import default_score_normalize
+    from llmprior.prompts import resolve_score_normalize
 
-    prior_args = args.prior  # with `auto` scoring resolved for this env (args stay as given, for --resume)
-    if prior_args.score_normalize == "auto" and prior_args.backend != "synthetic":
-        prior_args = replace(prior_args, score_normalize=default_score_normalize(args.env))
+    prior_args = resolve_score_normalize(args.prior, args.env)
     synthetic = use_prior and args.prior.backend == "synthetic"
     alfworld = args.env.startswith("alfworld")
     slots = [EnvSlot(make_env(args.env, expert=synthetic or not alfworld)) for _ in range(args.num_envs)]

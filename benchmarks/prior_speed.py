@@ -4,7 +4,7 @@ Along noisy expert episodes of each env (the scripts' prompts, the env's default
 - `floor`: one forward over the prompt, keeping the last position's logits (what any scoring must at least do);
 - `tree`: llmprior's `TransformersBackend.score` (the prompt once, then all actions in one forward as a token trie
   under a tree attention mask, the LM head only at the nodes whose next token is scored);
-- `padded`: the previous implementation, kept here as the reference: every action in one padded batch against the
+- `padded`: the previous implementation, the backend's fallback: every action in one padded batch against the
   prompt's cache, the LM head at every position;
 and checks that tree and padded give the same scores. `map` sampling (k = 5 free-form samples of 10 tokens) is timed
 with --modes map. Wall-clock with OMP_NUM_THREADS threads (set it; 1 is the measured default), first state excluded.
@@ -15,7 +15,6 @@ with --modes map. Wall-clock with OMP_NUM_THREADS threads (set it; 1 is the meas
 Writes results/prior_speed.csv (a row per env, model and thread count; rows of other selections are kept).
 """
 
-import copy
 import os
 import sys
 import time
@@ -56,31 +55,13 @@ def states_of(env_id: str, n: int, seed: int = 10_001) -> list[tuple[str, list[s
 
 
 def padded_scores(backend, prompt: str, actions: list[str]) -> np.ndarray:
-    """The previous scoring: all actions in one padded batch against the prompt's repeated cache, logits everywhere."""
-    import torch
-
-    from llmprior.backends import continuation_ids
-
-    pairs = [continuation_ids(backend.tokenizer, prompt, a) for a in actions]
-    prompt_ids, action_ids = pairs[0][0], [ids for _, ids in pairs]
-    with torch.no_grad():
-        out = backend.model(input_ids=torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
-        first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        n, width = len(action_ids), max(len(ids) for ids in action_ids)
-        ids = torch.full((n, width), backend.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, len(prompt_ids) + width), dtype=torch.long)
-        mask[:, : len(prompt_ids)] = 1
-        for i, a in enumerate(action_ids):
-            ids[i, : len(a)] = torch.tensor(a)
-            mask[i, len(prompt_ids) : len(prompt_ids) + len(a)] = 1
-        cache = copy.deepcopy(out.cache)
-        cache.batch_repeat_interleave(n)
-        positions = torch.arange(len(prompt_ids), len(prompt_ids) + width).expand(n, -1)
-        logits = backend.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                               use_cache=True).logits[:, :-1].float()  # fmt: skip
-        token_logps = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        real = mask[:, len(prompt_ids) + 1 :].to(token_logps.dtype)
-        return (first_logp[ids[:, 0]] + (token_logps * real).sum(-1)).double().numpy()
+    """The previous scoring, kept in the backend as its fallback: every action in one padded batch against the
+    prompt's repeated cache, the LM head at every position."""
+    backend._tree_fits = lambda length: False  # this instance only
+    try:
+        return backend.score(prompt, actions)[0]
+    finally:
+        del backend._tree_fits
 
 
 def floor(backend, prompt: str) -> None:

@@ -80,7 +80,8 @@ def _share(folder: Path) -> None:
     """A converted folder readable by every user, like the rest of ~/.cache: mkdtemp makes it private and
     safetensors writes its file 0600 (a folder converted by an older version is repaired on load, if it is ours)."""
     for path, mode in [(folder, 0o755), *((p, 0o644) for p in folder.iterdir())]:
-        if path.stat().st_mode & 0o777 != mode and path.stat().st_uid == os.getuid():
+        status = path.stat()
+        if status.st_mode & 0o777 != mode and status.st_uid == os.getuid():
             os.chmod(path, mode)
 
 

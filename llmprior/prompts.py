@@ -4,6 +4,7 @@ every result: the tests hold them to the authors' words."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 OVERCOOKED_TASKS = {
@@ -32,6 +33,15 @@ def default_score_normalize(env_id: str) -> str:
     if env_id.startswith("alfworld"):
         return "pmi"
     return "sum"
+
+
+def resolve_score_normalize(prior_args, env_id: str, authors_code: bool = False):
+    """A script's --prior.* settings with `auto` scoring resolved for this env (a copy: the run's args stay as given,
+    for --resume); the authors' code sums; the synthetic prior has no scores to normalise."""
+    if prior_args.score_normalize != "auto" or prior_args.backend == "synthetic":
+        return prior_args
+    chosen = "sum" if authors_code else default_score_normalize(env_id)
+    return dataclasses.replace(prior_args, score_normalize=chosen)
 
 
 def build_prompt(env_id: str, task: str, obs: str, admissible: list[str], history: list[tuple[str, str]]) -> str:
