@@ -4,15 +4,16 @@ Writes results/fig3_online.csv (one row per run: steps to eval success >= 0.9, f
 coverage, wall-clock, peak memory, command, commit) and results/fig3_online_curves.csv (every evaluation), then
 prints mean ± standard error over seeds. `python benchmarks/plot.py` draws results/fig3_online.png.
 
-    python benchmarks/fig3_online.py                      # --budget small: Tomato and FrozenLake, 3 seeds, CPU
+    python benchmarks/fig3_online.py                      # --budget small: Tomato, FrozenLake, ALFWorld-Pick, CPU
     python benchmarks/fig3_online.py --budget paper -- --prior.model Qwen/Qwen1.5-7B --prior.backend vllm
     python benchmarks/fig3_online.py --envs alfworld-pick --algos dqn dqn_prior --seeds 1
 
 Budgets (env steps per run; the paper trains Tomato 200 episodes, Salad 300, ALFWorld 1000, i.e. about the
 `paper` sizes below):
     smoke  overcooked-tomato; dqn, dqn_prior, gflan_prior; seed 1; 24 steps
-    small  overcooked-tomato, frozenlake; dqn, dqn_prior; seeds 1 2 3; 1000 steps, eval every 100 (1 episode:
-           env and prior are deterministic given the eval seed)
+    small  overcooked-tomato, frozenlake, alfworld-pick; dqn, dqn_prior; seeds 1 2 3; 3000 steps; Tomato and
+           FrozenLake evaluated every 100 steps with 10 episodes, ALFWorld-Pick every 500 with 5 seen + 5 unseen
+           games (the settings of benchmarks/prior_sweep.py, so a run here sits on that figure's axis)
     paper  all five envs; dqn, dqn_prior, gflan, gflan_prior; seeds 1 2 3; Tomato 6000, FrozenLake 5000,
            Salad 15000, ALFWorld 61000 steps; eval every 500 with 10 episodes
 """
@@ -37,8 +38,9 @@ PAPER_STEPS = {"overcooked-tomato": 6000, "frozenlake": 5000, "overcooked-salad"
 BUDGET = {
     "smoke": dict(envs=["overcooked-tomato"], algos=["dqn", "dqn_prior", "gflan_prior"], seeds=[1], steps=24,
                   eval_freq=24, eval_episodes=1),
-    "small": dict(envs=["overcooked-tomato", "frozenlake"], algos=["dqn", "dqn_prior"], seeds=[1, 2, 3], steps=1000,
-                  eval_freq=100, eval_episodes=1),
+    "small": dict(envs=["overcooked-tomato", "frozenlake", "alfworld-pick"], algos=["dqn", "dqn_prior"],
+                  seeds=[1, 2, 3], steps=3000, eval_freq={"alfworld-pick": 500, "other": 100},
+                  eval_episodes={"alfworld-pick": 5, "other": 10}),
     "paper": dict(envs=list(PAPER_STEPS), algos=["dqn", "dqn_prior", "gflan", "gflan_prior"], seeds=[1, 2, 3],
                   steps=None, eval_freq=500, eval_episodes=10),
 }  # fmt: skip
@@ -46,6 +48,10 @@ BUDGET = {
 
 def jobs_for(budget: str, envs=None, algos=None, seeds=None, steps=None) -> list[Job]:
     b = BUDGET[budget]
+
+    def per_env(setting, env):  # a number, or {env: number, "other": number}
+        return setting.get(env, setting["other"]) if isinstance(setting, dict) else setting
+
     jobs = []
     for env in envs or b["envs"]:
         n = steps or b["steps"] or PAPER_STEPS[env]
@@ -59,7 +65,8 @@ def jobs_for(budget: str, envs=None, algos=None, seeds=None, steps=None) -> list
                     extra = ["--learning-starts", "8"]
                 jobs.append(Job({"env": env, "algo": algo, "seed": seed}, script, [
                     "--env", env, "--seed", seed, "--exp-name", algo, "--total-timesteps", n,
-                    "--eval-freq", b["eval_freq"], "--eval-episodes", b["eval_episodes"], *algo_args, *extra]))  # fmt: skip
+                    "--eval-freq", per_env(b["eval_freq"], env), "--eval-episodes", per_env(b["eval_episodes"], env),
+                    *algo_args, *extra]))  # fmt: skip
     return jobs
 
 
