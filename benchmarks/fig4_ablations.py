@@ -52,12 +52,12 @@ BUDGET = {  # ablation -> (env, values, seeds, env steps, eval every, eval episo
 }  # fmt: skip
 
 
-def jobs_for(budget: str, ablations: list[str], env=None, seeds=None, steps=None) -> list[Job]:
+def jobs_for(budget: str, ablations: list[str], env=None, seeds=None, steps=None, values=None) -> list[Job]:
     jobs = []
     for name in ablations:
         script, flag, _, fixed = ABLATIONS[name]
-        b_env, values, b_seeds, b_steps, eval_freq, episodes = BUDGET[budget][name]
-        for value in values:
+        b_env, b_values, b_seeds, b_steps, eval_freq, episodes = BUDGET[budget][name]
+        for value in values or b_values:
             for seed in seeds or b_seeds:
                 e = env or b_env
                 # a KL coefficient of 0 is GFlan: no prior at all
@@ -81,8 +81,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ablations", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS))
     parser.add_argument("--env", default=None, help="override the budget's env")
     parser.add_argument("--steps", type=int, default=None, help="override the budget's env steps")
+    parser.add_argument("--values", nargs="+", type=float, default=None,
+                        help="override the ablation's values (one ablation at a time)")
     args = parser.parse_args(argv)
-    jobs = jobs_for(args.budget, args.ablations, args.env, args.seeds, args.steps)
+    if args.values and len(args.ablations) != 1:
+        parser.error("--values needs exactly one --ablations")
+    values = [int(v) if v.is_integer() else v for v in args.values] if args.values else None  # `--k 5`, not 5.0
+    jobs = jobs_for(args.budget, args.ablations, args.env, args.seeds, args.steps, values)
     entry_dir = os.path.join(args.runs_dir, ENTRY, args.budget)
     failed = [] if args.collect_only else run_jobs(jobs, entry_dir, args.extra, args.dry_run)
     if args.dry_run:
