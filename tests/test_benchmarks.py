@@ -149,6 +149,25 @@ def test_every_entry_has_three_budgets_and_a_dry_run(capsys):
     assert not os.path.exists("/nonexistent")
 
 
+def test_fig3_small_budget_evaluates_like_the_prior_sweep_and_fig4_takes_a_subset_of_values():
+    args = {job.key["env"]: job.args for job in fig3_online.jobs_for("small")}
+    assert set(args) == {"overcooked-tomato", "frozenlake", "alfworld-pick"}
+
+    def flag(argv, name):
+        return argv[argv.index(name) + 1]
+
+    sweep = prior_sweep.BUDGET["small"]["online"]
+    for env in ("overcooked-tomato", "alfworld-pick"):  # the same runs as the sweep's DQN / DQN-Prior axis
+        assert (flag(args[env], "--total-timesteps"), flag(args[env], "--eval-freq"),
+                flag(args[env], "--eval-episodes")) == (sweep[env]["steps"], sweep[env]["eval_freq"],
+                                                        sweep[env]["eval_episodes"])  # fmt: skip
+    assert (flag(args["frozenlake"], "--eval-freq"), flag(args["frozenlake"], "--eval-episodes")) == (100, 10)
+    jobs = fig4_ablations.jobs_for("small", ["kl"], values=[1, 0])
+    assert [(j.key["value"], flag(j.args, "--k")) for j in jobs] == [(1, "5"), (0, "0")]  # 0 is GFlan: no prior
+    with pytest.raises(SystemExit):
+        fig4_ablations.main(["--values", "1", "--dry-run"])  # --values with every ablation: which one?
+
+
 # ---- each entry's smoke budget, end to end ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smoke(tiny_model, tmp_path_factory):
