@@ -4,8 +4,8 @@ The prior is the synthetic one (`--prior.backend synthetic --prior.synthetic-q Q
 (1 − Q)/|A(s)|, a* the env's expert action, sampled k = 5 times per state like an LLM. Q = 0 is a uniform prior,
 Q = 1 proposes only the expert's action. Each Q is compared with the prior-free baseline of the same script:
 
-- online (dqn_prior.py): DQN-Prior at each Q and DQN (`--k 0`) on Tomato and ALFWorld-Pick; env steps to an
-  evaluation success >= 0.9, and the final success (does it hold?);
+- online (dqn_prior.py): DQN-Prior at each Q and DQN (`--k 0`) on Tomato, FrozenLake and ALFWorld-Pick; env steps
+  to an evaluation success >= 0.9, and the final success (does it hold?);
 - offline (cql_prior.py): CQL-Prior and DQN-Prior (`--cql-beta 0`) at each Q and CQL (`--k 0`) on Salad(1000)
   and ALFWorld-Pick(1500), each dataset built by build_dataset.py with the same transitions (same seed) and the
   proposals of p_Q; final and best return.
@@ -17,11 +17,12 @@ Q = 1 proposes only the expert's action. Each Q is compared with the prior-free 
 
 Budgets:
     smoke  online Tomato 24 env steps, offline Salad(40) 10 gradient steps; Q in {0, 1}; seed 1
-    small  Q in {0, 0.25, 0.5, 0.75, 1}; seeds 1 2 3. Online: Tomato 3000 env steps (evaluation every 100 with 10
-           episodes), ALFWorld-Pick 3000 (every 500, 5 seen and 5 unseen games). Offline: 5000 gradient steps;
-           Salad(1000) evaluated every 500 with 10 episodes, ALFWorld-Pick(1500) every 1000 with 5 (+5 unseen)
-    paper  as small with the paper's lengths: Tomato 6000 and ALFWorld-Pick 20000 env steps; 10000 gradient steps on
-           Salad(1000) and ALFWorld-Pick(6500); 10 evaluation episodes
+    small  Q in {0, 0.25, 0.5, 0.75, 1}; seeds 1 2 3. Online: Tomato and FrozenLake 3000 env steps (evaluation
+           every 100 with 10 episodes), ALFWorld-Pick 3000 (every 500, 5 seen and 5 unseen games). Offline: 5000
+           gradient steps; Salad(1000) evaluated every 500 with 10 episodes, ALFWorld-Pick(1500) every 1000 with 5
+           (+5 unseen)
+    paper  as small with the paper's lengths: Tomato 6000, FrozenLake 5000 and ALFWorld-Pick 20000 env steps; 10000
+           gradient steps on Salad(1000) and ALFWorld-Pick(6500); 10 evaluation episodes
 
 Writes results/prior_sweep.csv and results/prior_sweep_curves.csv (one row per run / evaluation, with the command and
 commit); `python benchmarks/plot.py` draws results/prior_sweep.png.
@@ -50,11 +51,13 @@ BUDGET = {
                   offline={"overcooked-salad:40": dict(steps=10, eval_freq=10, eval_episodes=1)}),
     "small": dict(qs=[0.0, 0.25, 0.5, 0.75, 1.0], seeds=[1, 2, 3],
                   online={"overcooked-tomato": dict(steps=3000, eval_freq=100, eval_episodes=10),
+                          "frozenlake": dict(steps=3000, eval_freq=100, eval_episodes=10),
                           "alfworld-pick": dict(steps=3000, eval_freq=500, eval_episodes=5)},
                   offline={"overcooked-salad:1000": dict(steps=5000, eval_freq=500, eval_episodes=10),
                            "alfworld-pick:1500": dict(steps=5000, eval_freq=1000, eval_episodes=5)}),
     "paper": dict(qs=[0.0, 0.25, 0.5, 0.75, 1.0], seeds=[1, 2, 3],
                   online={"overcooked-tomato": dict(steps=6000, eval_freq=200, eval_episodes=10),
+                          "frozenlake": dict(steps=5000, eval_freq=200, eval_episodes=10),
                           "alfworld-pick": dict(steps=20000, eval_freq=1000, eval_episodes=10)},
                   offline={"overcooked-salad:1000": dict(steps=10000, eval_freq=500, eval_episodes=10),
                            "alfworld-pick:6500": dict(steps=10000, eval_freq=1000, eval_episodes=10)}),
@@ -114,7 +117,8 @@ def run_row(run: dict) -> dict:
 def main(argv=None) -> int:
     parser = common_parser(__doc__)
     parser.add_argument("--parts", nargs="+", choices=["online", "offline"], default=["online", "offline"])
-    parser.add_argument("--envs", nargs="+", default=["overcooked-tomato", "overcooked-salad", "alfworld-pick"])
+    parser.add_argument("--envs", nargs="+", default=["overcooked-tomato", "frozenlake", "overcooked-salad",
+                                                       "alfworld-pick"])  # fmt: skip
     parser.add_argument("--qs", nargs="+", type=float, default=None, help="override the budget's prior qualities")
     parser.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     args = parser.parse_args(argv)
