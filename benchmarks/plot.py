@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     if have("fig3_online", "_curves"):
         rows = read_csv(csv_path("fig3_online", "_curves"))
         plot_curves(out("fig3_online"), rows, "env", ["algo"], "step", "eval/return_mean", "env steps",
-                    "Fig. 3 on this machine: greedy eval return (mean ± s.e. over seeds)")  # fmt: skip
+                    "Fig. 3 on this machine: eval return (mean ± s.e. over seeds)")  # fmt: skip
     if have("fig4_ablations", "_curves"):
         rows = read_csv(csv_path("fig4_ablations", "_curves"))
         for r in rows:
