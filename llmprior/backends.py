@@ -291,7 +291,7 @@ class VLLMBackend:
         from llmprior.models import model_folder
 
         self.vllm = vllm
-        folder, self.label, _ = model_folder(model)
+        folder, self.label, _ = model_folder(model, weights=True)
         dtype = dtype or "auto"
         self.llm = vllm.LLM(model=folder, tokenizer=folder, seed=seed, dtype=dtype, enable_prefix_caching=True)
         self.tokenizer = self.llm.get_tokenizer()

