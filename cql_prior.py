@@ -116,6 +116,11 @@ class Args:
     transition's TD error) or `mean` (β against the batch mean: a penalty ~batch-size times stronger)"""
     eval_alpha: float = 0.1
     """evaluation samples softmax(Q/α) over the candidates; 0 = greedy (the paper's argmax)"""
+    exact_prior: bool = False
+    """if toggled, C(s) is every admissible action the prior supports, weighted by p(a|s), instead of k draws from p
+    (their k → ∞ limit; `dist` mode, where the prior is a distribution): the penalty log Σ_a p(a|s)·exp Q(s,a), the
+    Bellman max over p's support, evaluation ∝ p(a|s)·exp(Q/α). With an uninformative prior this is CQL (the penalty
+    shifted by a constant): a weak prior cannot lock the agent out of the action it needs (docs/cql_prior.md)"""
     bootstrap_time_limit: bool = False
     """if toggled, a transition cut by the episode cap bootstraps from s' (the textbook treatment of a time limit); by
     default it ends the TD target, as the authors' code"""
@@ -176,12 +181,16 @@ def select_action(q: np.ndarray, alpha: float, epsilon: float, rng: np.random.Ge
 
 
 def cql_loss(q_sa: torch.Tensor, target: torch.Tensor, cand_q: torch.Tensor, cand_mask: torch.Tensor, beta: float,
-             reduction: str = "sum", add_data_action: Optional[torch.Tensor] = None) -> tuple:  # fmt: skip
+             reduction: str = "sum", add_data_action: Optional[torch.Tensor] = None,
+             cand_log_weights: Optional[torch.Tensor] = None) -> tuple:  # fmt: skip
     """Eq. 7: β·E[log Σ_{a' ∈ C(s)} exp Q(s,a') − Q(s,a)] + ½·(Q(s,a) − y)² -> (loss, TD term, penalty).
 
     `cand_q`/`cand_mask` [B, K] hold the candidate set at s: the prior's k proposals (a proposal drawn twice counts
     twice) or every admissible action (CQL, Eq. 10). `add_data_action` [B] marks the rows whose data action joins the
-    set. A row with an empty set adds no penalty. `reduction` applies to the TD term; the penalty is a batch mean."""
+    set. `cand_log_weights` [B, K] (--exact-prior): log p(a'|s), making the sum Σ p(a'|s)·exp Q(s,a'). A row with an
+    empty set adds no penalty. `reduction` applies to the TD term; the penalty is a batch mean."""
+    if cand_log_weights is not None:
+        cand_q = cand_q + cand_log_weights
     logits = cand_q.masked_fill(~cand_mask, float("-inf"))
     has_set = cand_mask.any(dim=1)
     if add_data_action is not None:
@@ -224,7 +233,8 @@ def train(args: Args) -> dict:
     prior_seed = header.get("prior_seed") if header.get("prior_seed") is not None else args.seed
     synthetic = args.k > 0 and args.prior.backend == "synthetic"
     prior = LLMPrior(prior_args, prior_seed, device, args.authors_code) if args.k > 0 else None
-    problems = dataset_mismatch(header, env_id, prior.identity if prior else None, args.k, asdict(prior_args))
+    problems = [] if args.exact_prior else dataset_mismatch(header, env_id, prior.identity if prior else None, args.k,
+                                                            asdict(prior_args))  # stored proposals: unused if exact
     check(not problems or args.allow_mismatch, f"{args.dataset} does not match this run: its {'; '.join(problems)}. "
           "Build the dataset with this run's settings, or pass --allow-mismatch to use its stored proposals")
     check(not synthetic or all(r["proposals"] is not None for r in records),
@@ -248,7 +258,7 @@ def train(args: Args) -> dict:
     target_network = QNetwork(encoder.dim).to(device)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.AdamW(q_network.parameters(), lr=args.learning_rate)
-    agent = Agent(env_id, args.k, prior, encoder, q_network, history)
+    agent = Agent(env_id, args.k, prior, encoder, q_network, history, exact=args.exact_prior)
     eval_agent = agent
     if args.eval_k is not None or args.eval_prior_model is not None:
         eval_k = args.k if args.eval_k is None else args.eval_k
@@ -257,12 +267,13 @@ def train(args: Args) -> dict:
             model = args.eval_prior_model or args.prior.model
             eval_prior = prior if prior and model == args.prior.model else LLMPrior(
                 PriorArgs(**{**asdict(prior_args), "model": model}), prior_seed, device, args.authors_code)
-        eval_agent = Agent(env_id, eval_k, eval_prior, encoder, q_network, history)
+        eval_agent = Agent(env_id, eval_k, eval_prior, encoder, q_network, history, exact=args.exact_prior)
 
     # C(s) and C(s'): the stored proposals, else the prior's (its cache, then the LLM); every admissible action at k=0
     fill_start, queries = time.time(), prior.queries if prior else 0
-    cands, next_cands = candidate_sets(records, agent, use_stored=args.k > 0, rng=rng)
-    data = OfflineData(env_id, records, cands, next_cands, encoder, args.bootstrap_time_limit)
+    cands, next_cands, log_weights = candidate_sets(records, agent, use_stored=args.k > 0 and not args.exact_prior,
+                                                    rng=rng)  # fmt: skip
+    data = OfflineData(env_id, records, cands, next_cands, encoder, args.bootstrap_time_limit, log_weights)
     queries = (prior.queries if prior else 0) - queries
     coverage = float(data.data_in_set.mean())
     print(f"{len(records)} transitions from {args.dataset} ({env_id}, prior {header['prior']}, k {header['k']}); "
@@ -320,8 +331,11 @@ def train(args: Args) -> dict:
             target = td_target(batch["rewards"], batch["dones"], next_q, batch["next_mask"], args.gamma)
         q_sa = q_network(encoder.table[batch["sa"]])
         cand_q = q_network(encoder.table[batch["cand"]])
-        add_data = ~batch["data_in_set"] if data_action else None
-        loss, td, penalty = cql_loss(q_sa, target, cand_q, batch["cand_mask"], args.cql_beta, reduction, add_data)
+        # --exact-prior: the k → ∞ limit, in which one added data action weighs nothing
+        add_data = ~batch["data_in_set"] if data_action and not args.exact_prior else None
+        log_weights = batch["cand_log_weights"] if args.exact_prior else None
+        loss, td, penalty = cql_loss(q_sa, target, cand_q, batch["cand_mask"], args.cql_beta, reduction, add_data,
+                                     log_weights)  # fmt: skip
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(q_network.parameters(), 1.0)
@@ -539,23 +553,36 @@ class LLMPrior:
 
 # ---------------- Acting and evaluation ----------------
 class Agent:
-    """What acting needs: the prior's candidate sets, the encoder and the Q-network."""
+    """What acting needs: the prior's candidate sets, the encoder and the Q-network. With `exact` (cql_prior.py
+    --exact-prior) the candidate set is every admissible action the prior supports, each weighted by p(a|s) (the
+    k → ∞ limit of k proposals) instead of k draws."""
 
     def __init__(self, env_id: str, k: int, prior: Optional[LLMPrior], encoder, q: Optional[QNetwork], history: int,
-                 max_actions: Optional[int] = None):  # fmt: skip
+                 max_actions: Optional[int] = None, exact: bool = False):  # fmt: skip
         self.env_id, self.k, self.prior, self.encoder, self.q = env_id, k, prior, encoder, q
-        self.history, self.max_actions = history, max_actions
+        self.history, self.max_actions, self.exact = history, max_actions, exact
 
     def candidates(self, obs: str, info: dict, history: list[tuple[str, str]], rng: np.random.Generator) -> list[str]:
         """C^k(s) from the prior (the authors' prompt, the last N steps of history), or every admissible action."""
-        from llmprior.prompts import build_prompt
-
         admissible = info["admissible_actions"]
         if self.prior is None:
             return list(admissible[: self.max_actions])
+        if self.exact:
+            p = self.prior.distribution(self.prompt(obs, info, history), admissible, info.get("expert_action"))
+            return [a for a, w in zip(admissible, p) if w > 0]
+        return self.prior.propose(self.prompt(obs, info, history), admissible, self.k, info.get("expert_action"), rng)
+
+    def log_weights(self, obs: str, info: dict, history: list[tuple[str, str]], actions: list[str]) -> np.ndarray:
+        """log p(a|s) of `actions` under the prior (`exact` only; k proposals weigh by their count instead)."""
+        admissible = list(info["admissible_actions"])
+        p = self.prior.distribution(self.prompt(obs, info, history), admissible, info.get("expert_action"))
+        return np.log(p[[admissible.index(a) for a in actions]])
+
+    def prompt(self, obs: str, info: dict, history: list[tuple[str, str]]) -> str:
+        from llmprior.prompts import build_prompt
+
         recent = history[-self.history :] if self.history else []
-        prompt = build_prompt(self.env_id, info["task"], obs, admissible, recent)
-        return self.prior.propose(prompt, admissible, self.k, info.get("expert_action"), rng)
+        return build_prompt(self.env_id, info["task"], obs, info["admissible_actions"], recent)
 
     def features(self, obs: str, info: dict, actions: list[str]) -> list[int]:
         from llmprior.prompts import feature_text
@@ -570,8 +597,9 @@ class Agent:
 @torch.no_grad()
 def evaluate(agent: Agent, env, episodes: int, alpha: float, stop=None, name: str = "eval",
              seed: int = 10_000) -> dict[str, float]:  # fmt: skip
-    """softmax(Q/α) over the candidate set (greedy at α = 0) on a separately seeded env: episode i is seeded seed + i,
-    its action sampling (and per-visit proposals) too. -> mean/std return and success rate."""
+    """softmax(Q/α) over the candidate set (greedy at α = 0; weighted by p(a|s) for an `exact` agent) on a separately
+    seeded env: episode i is seeded seed + i, its action sampling (and per-visit proposals) too. -> mean/std return and
+    success rate."""
     returns, successes = [], []
     progress = runs.Progress(episodes, f"{name} episode", first_line_now=False)
     for ep in range(episodes):
@@ -585,7 +613,10 @@ def evaluate(agent: Agent, env, episodes: int, alpha: float, stop=None, name: st
             if progress.due():
                 progress.line(ep, f"(step {len(history)} of episode {ep + 1})")
             cands = agent.candidates(obs, info, history, rng)
-            action = cands[select_action(agent.q_values(agent.features(obs, info, cands)), alpha, 0.0, rng)]
+            q = agent.q_values(agent.features(obs, info, cands))
+            if agent.exact:  # softmax(Q/α + log p(a|s)), i.e. p(a|s)·exp(Q/α) normalised; the argmax of Q at α = 0
+                q = q + alpha * agent.log_weights(obs, info, history, cands)
+            action = cands[select_action(q, alpha, 0.0, rng)]
             history.append((obs, action))
             obs, reward, terminated, truncated, info = env.step(action)
             total += reward
@@ -598,16 +629,18 @@ def evaluate(agent: Agent, env, episodes: int, alpha: float, stop=None, name: st
 
 # ---------------- Offline data ----------------
 def candidate_sets(records: list[dict], agent: Agent, use_stored: bool,
-                   rng: np.random.Generator) -> tuple[list[list[str]], list[list[str]]]:  # fmt: skip
+                   rng: np.random.Generator) -> tuple[list[list[str]], list[list[str]], Optional[list[np.ndarray]]]:
     """C(s) and C(s') of every transition: the stored proposals where `use_stored` and present, otherwise the agent's
-    (the prior's k proposals from its cache or the LLM; every admissible action for k = 0). The prompt's history is
-    the episode's earlier (observation, action) pairs, rebuilt from the dataset, so that a filled set is what the
-    collecting agent would have been proposed. After termination C(s') is empty."""
+    (the prior's k proposals from its cache or the LLM; every admissible action for k = 0; for an `exact` agent the
+    actions p supports, and their log p(a|s), the third list, else None). The prompt's history is the episode's
+    earlier (observation, action) pairs, rebuilt from the dataset, so that a filled set is what the collecting agent
+    would have been proposed. After termination C(s') is empty."""
     by_episode: dict[int, list[int]] = {}
     for i, r in enumerate(records):
         by_episode.setdefault(r["episode"], []).append(i)
     cands: list[list[str]] = [[] for _ in records]
     next_cands: list[list[str]] = [[] for _ in records]
+    log_weights: Optional[list[np.ndarray]] = [np.zeros(0) for _ in records] if agent.exact else None
     for indices in by_episode.values():
         indices.sort(key=lambda i: records[i]["step"])
         history: list[tuple[str, str]] = []
@@ -617,6 +650,8 @@ def candidate_sets(records: list[dict], agent: Agent, use_stored: bool,
             # `_expert`: the expert's action where build_dataset.py knows it (the synthetic prior reads it)
             info = {"admissible_actions": r["admissible"], "task": r["task"], "expert_action": r.get("_expert")}
             cands[i] = list(stored) if stored is not None else agent.candidates(r["obs"], info, history, rng)
+            if log_weights is not None:
+                log_weights[i] = agent.log_weights(r["obs"], info, history, cands[i])
             history = history + [(r["obs"], r["action"])]
             if r["terminated"]:
                 continue
@@ -625,7 +660,7 @@ def candidate_sets(records: list[dict], agent: Agent, use_stored: bool,
                          "expert_action": r.get("_next_expert")}  # fmt: skip
             next_cands[i] = list(stored) if stored is not None else agent.candidates(r["next_obs"], next_info, history,
                                                                                      rng)  # fmt: skip
-    return cands, next_cands
+    return cands, next_cands, log_weights
 
 
 class OfflineData:
@@ -633,7 +668,8 @@ class OfflineData:
     done. Sampled uniformly with replacement."""
 
     def __init__(self, env_id: str, records: list[dict], cands: list[list[str]], next_cands: list[list[str]],
-                 encoder, bootstrap_time_limit: bool = False):  # fmt: skip
+                 encoder, bootstrap_time_limit: bool = False,
+                 log_weights: Optional[list[np.ndarray]] = None):  # fmt: skip
         from llmprior.prompts import feature_text
 
         n = len(records)
@@ -647,6 +683,7 @@ class OfflineData:
         self.sa = np.zeros(n, dtype=np.int64)
         self.cand = np.zeros((n, width), dtype=np.int64)
         self.cand_mask = np.zeros((n, width), dtype=bool)
+        self.cand_log_weights = np.zeros((n, width), dtype=np.float32)  # log p(a|s) of C(s) under --exact-prior
         self.next_sa = np.zeros((n, width), dtype=np.int64)
         self.next_mask = np.zeros((n, width), dtype=bool)
         self.rewards = np.array([r["reward"] for r in records], dtype=np.float32)
@@ -657,12 +694,15 @@ class OfflineData:
         for i, (c, nc) in enumerate(zip(cands, next_cands)):
             self.sa[i] = next(ids)
             self.cand[i, : len(c)], self.cand_mask[i, : len(c)] = [next(ids) for _ in c], True
+            if log_weights is not None:
+                self.cand_log_weights[i, : len(c)] = log_weights[i]
             self.next_sa[i, : len(nc)], self.next_mask[i, : len(nc)] = [next(ids) for _ in nc], True
         self.size = n
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         idx = rng.integers(0, self.size, size=batch_size)
         return {"sa": self.sa[idx], "cand": self.cand[idx], "cand_mask": self.cand_mask[idx],
+                "cand_log_weights": self.cand_log_weights[idx],
                 "data_in_set": self.data_in_set[idx], "rewards": self.rewards[idx], "dones": self.dones[idx],
                 "next_sa": self.next_sa[idx], "next_mask": self.next_mask[idx]}  # fmt: skip
 
@@ -709,6 +749,14 @@ def validate(args: Args) -> None:
           "--k 0 is plain CQL, without a prior: drop the --prior.* flags")  # fmt: skip
     check(not (p.per_visit and p.mode == "topk"), "--prior.per-visit draws anew at each visit; `topk` draws nothing")
     check(p.backend != "synthetic" or p.mode == "dist", "the synthetic prior is a distribution: use --prior.mode dist")
+    check(not args.exact_prior or (args.k > 0 and p.mode == "dist" and not p.per_visit and not args.authors_code),
+          "--exact-prior weighs every action by the prior's distribution: it needs --k > 0 and --prior.mode dist, "
+          "without --prior.per-visit and --authors-code")  # fmt: skip
+    # the synthetic p_Q(a|s) needs the expert's action at every dataset state, which a dataset does not keep (only
+    # the proposals drawn from p_Q); at Q = 0 p_Q is uniform and needs none
+    check(not (args.exact_prior and p.backend == "synthetic" and p.synthetic_q > 0),
+          "--exact-prior with the synthetic prior needs the expert's action at each dataset state, which a dataset "
+          "does not keep: only --prior.synthetic-q 0 (uniform) works offline")  # fmt: skip
     check(not (args.authors_code and p != PriorArgs()), "--authors-code sets the prior: drop the --prior.* flags")
 
 

@@ -573,23 +573,36 @@ class ReplayBuffer:
 
 # ---------------- Acting and evaluation ----------------
 class Agent:
-    """What acting needs: the prior's candidate sets, the encoder and the Q-network."""
+    """What acting needs: the prior's candidate sets, the encoder and the Q-network. With `exact` (cql_prior.py
+    --exact-prior) the candidate set is every admissible action the prior supports, each weighted by p(a|s) (the
+    k → ∞ limit of k proposals) instead of k draws."""
 
     def __init__(self, env_id: str, k: int, prior: Optional[LLMPrior], encoder, q: Optional[QNetwork], history: int,
-                 max_actions: Optional[int] = None):  # fmt: skip
+                 max_actions: Optional[int] = None, exact: bool = False):  # fmt: skip
         self.env_id, self.k, self.prior, self.encoder, self.q = env_id, k, prior, encoder, q
-        self.history, self.max_actions = history, max_actions
+        self.history, self.max_actions, self.exact = history, max_actions, exact
 
     def candidates(self, obs: str, info: dict, history: list[tuple[str, str]], rng: np.random.Generator) -> list[str]:
         """C^k(s) from the prior (the authors' prompt, the last N steps of history), or every admissible action."""
-        from llmprior.prompts import build_prompt
-
         admissible = info["admissible_actions"]
         if self.prior is None:
             return list(admissible[: self.max_actions])
+        if self.exact:
+            p = self.prior.distribution(self.prompt(obs, info, history), admissible, info.get("expert_action"))
+            return [a for a, w in zip(admissible, p) if w > 0]
+        return self.prior.propose(self.prompt(obs, info, history), admissible, self.k, info.get("expert_action"), rng)
+
+    def log_weights(self, obs: str, info: dict, history: list[tuple[str, str]], actions: list[str]) -> np.ndarray:
+        """log p(a|s) of `actions` under the prior (`exact` only; k proposals weigh by their count instead)."""
+        admissible = list(info["admissible_actions"])
+        p = self.prior.distribution(self.prompt(obs, info, history), admissible, info.get("expert_action"))
+        return np.log(p[[admissible.index(a) for a in actions]])
+
+    def prompt(self, obs: str, info: dict, history: list[tuple[str, str]]) -> str:
+        from llmprior.prompts import build_prompt
+
         recent = history[-self.history :] if self.history else []
-        prompt = build_prompt(self.env_id, info["task"], obs, admissible, recent)
-        return self.prior.propose(prompt, admissible, self.k, info.get("expert_action"), rng)
+        return build_prompt(self.env_id, info["task"], obs, info["admissible_actions"], recent)
 
     def features(self, obs: str, info: dict, actions: list[str]) -> list[int]:
         from llmprior.prompts import feature_text
@@ -604,8 +617,9 @@ class Agent:
 @torch.no_grad()
 def evaluate(agent: Agent, env, episodes: int, alpha: float, stop=None, name: str = "eval",
              seed: int = 10_000) -> dict[str, float]:  # fmt: skip
-    """softmax(Q/α) over the candidate set (greedy at α = 0) on a separately seeded env: episode i is seeded seed + i,
-    its action sampling (and per-visit proposals) too. -> mean/std return and success rate."""
+    """softmax(Q/α) over the candidate set (greedy at α = 0; weighted by p(a|s) for an `exact` agent) on a separately
+    seeded env: episode i is seeded seed + i, its action sampling (and per-visit proposals) too. -> mean/std return and
+    success rate."""
     returns, successes = [], []
     progress = runs.Progress(episodes, f"{name} episode", first_line_now=False)
     for ep in range(episodes):
@@ -619,7 +633,10 @@ def evaluate(agent: Agent, env, episodes: int, alpha: float, stop=None, name: st
             if progress.due():
                 progress.line(ep, f"(step {len(history)} of episode {ep + 1})")
             cands = agent.candidates(obs, info, history, rng)
-            action = cands[select_action(agent.q_values(agent.features(obs, info, cands)), alpha, 0.0, rng)]
+            q = agent.q_values(agent.features(obs, info, cands))
+            if agent.exact:  # softmax(Q/α + log p(a|s)), i.e. p(a|s)·exp(Q/α) normalised; the argmax of Q at α = 0
+                q = q + alpha * agent.log_weights(obs, info, history, cands)
+            action = cands[select_action(q, alpha, 0.0, rng)]
             history.append((obs, action))
             obs, reward, terminated, truncated, info = env.step(action)
             total += reward

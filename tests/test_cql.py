@@ -40,6 +40,28 @@ def test_cql_prior_loss_hand_computed():
     assert loss.item() == pytest.approx(TD + 5.0 * expected_penalty)
 
 
+def test_exact_prior_loss_weighs_each_action_by_its_probability():
+    """--exact-prior: log Σ_a p(a|s)·exp Q(s,a) − Q(s,a_data); with a uniform p it is CQL's penalty minus log |A(s)|,
+    with the same gradient."""
+    p = [[0.5, 0.25, 0.25, 0.0], [0.2, 0.3, 0.5, 0.0]]
+    mask = torch.tensor([[True, True, True, False], [True, True, True, False]])  # p's support
+    log_p = torch.tensor([[math.log(x) if x else 0.0 for x in row] for row in p])
+    _, _, penalty = cql_loss(Q_SA, TARGET, torch.tensor(Q_ALL), mask, beta=5.0, cand_log_weights=log_p)
+    expected = ((math.log(0.5 * math.e ** 1 + 0.25 * math.e ** 2 + 0.25 * math.e ** 5) - 1)
+                + (math.log(0.2 * math.e ** 0 + 0.3 * math.e ** 3 + 0.5 * math.e ** -1) - 0)) / 2  # fmt: skip
+    assert penalty.item() == pytest.approx(expected)
+    all_mask = torch.tensor(MASK_ALL)
+    uniform = torch.log(1.0 / all_mask.sum(dim=1, keepdim=True).float()).expand(2, 4)
+    cand_q = torch.tensor(Q_ALL, requires_grad=True)
+    _, _, exact = cql_loss(Q_SA, TARGET, cand_q, all_mask, beta=5.0, cand_log_weights=uniform)
+    (grad_exact,) = torch.autograd.grad(exact, cand_q)
+    cand_q2 = torch.tensor(Q_ALL, requires_grad=True)
+    _, _, plain = cql_loss(Q_SA, TARGET, cand_q2, all_mask, beta=5.0)
+    (grad_plain,) = torch.autograd.grad(plain, cand_q2)
+    assert exact.item() == pytest.approx(plain.item() - (math.log(4) + math.log(3)) / 2)
+    assert torch.allclose(grad_exact, grad_plain)
+
+
 def test_plain_cql_loss_takes_every_admissible_action():
     loss, td, penalty = cql_loss(Q_SA, TARGET, torch.tensor(Q_ALL), torch.tensor(MASK_ALL), beta=5.0, reduction="mean")
     expected_penalty = ((lse(1, 2, 5, 0) - 1) + (lse(0, 3, -1) - 0)) / 2  # the padded -9 is not an action

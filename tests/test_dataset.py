@@ -102,8 +102,8 @@ class CountingPrior:
 def test_stored_proposals_need_no_llm_query():
     prior = CountingPrior()
     agent = Agent("overcooked-salad", 2, prior, None, None, 1)
-    cands, next_cands = candidate_sets(records(), agent, use_stored=True, rng=None)
-    assert prior.prompts == []
+    cands, next_cands, weights = candidate_sets(records(), agent, use_stored=True, rng=None)
+    assert prior.prompts == [] and weights is None  # k draws: no weights (--exact-prior only)
     assert cands == [["a", "b"], ["a", "b"], ["a", "b"]] and next_cands == [["b", "b"], [], ["b", "b"]]
 
 
@@ -112,7 +112,7 @@ def test_missing_proposals_are_filled_with_the_episodes_history():
             transition(0, 0, "s0", next_proposals=None)]  # fmt: skip
     prior = CountingPrior()
     agent = Agent("overcooked-salad", 2, prior, None, None, 1)
-    cands, next_cands = candidate_sets(recs, agent, use_stored=True, rng=None)
+    cands, next_cands, weights = candidate_sets(recs, agent, use_stored=True, rng=None)
     assert cands == [["a", "b"], ["a", "b"]] and next_cands == [["a", "b"], ["a", "b"]]
     # s0 stored; s0' (history: s0,a), s1 (history: s0,a) and s1' (history cut to 1 pair: s1,c) queried
     expected = [build_prompt("overcooked-salad", "serve", "s0'", ["a", "b"], [("s0", "a")]),
@@ -123,8 +123,8 @@ def test_missing_proposals_are_filled_with_the_episodes_history():
 
 def test_plain_cql_ignores_stored_proposals():
     agent = Agent("overcooked-salad", 0, None, None, None, 0)
-    cands, next_cands = candidate_sets(records(), agent, use_stored=False, rng=None)
-    assert cands == [["a", "b", "c"]] * 3 and next_cands == [["a", "b"], [], ["a", "b"]]
+    cands, next_cands, weights = candidate_sets(records(), agent, use_stored=False, rng=None)
+    assert cands == [["a", "b", "c"]] * 3 and next_cands == [["a", "b"], [], ["a", "b"]] and weights is None
 
 
 def test_dataset_mismatch_names_what_differs():

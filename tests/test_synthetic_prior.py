@@ -91,6 +91,13 @@ def test_build_dataset_and_cql_prior_with_a_perfect_prior(tmp_path):
               "--runs-dir", str(tmp_path)]  # fmt: skip
     summary = last_json(run_script("cql_prior.py", *common, *SYNTH), "summary ")
     assert summary["eval/success_rate"] == 1.0 and summary["dataset_prior_queries"] == 0
+    # --exact-prior weighs every action by p_Q(a|s), which needs the expert's action at each dataset state: refused,
+    # except at Q = 0, where p is uniform and every admissible action is in C(s) (CQL's candidate sets)
+    refused = run_script("cql_prior.py", *common, *SYNTH, "--exact-prior", check=False)
+    assert refused.returncode != 0 and "only --prior.synthetic-q 0" in refused.stderr
+    uniform = last_json(run_script("cql_prior.py", *common, *SYNTH[:2], "--prior.synthetic-q", "0", "--exact-prior"),
+                        "summary ")  # fmt: skip
+    assert uniform["data_action_coverage"] == 1.0
     # a run with another Q is another prior: the dataset's stored proposals are not its own
     other = run_script("cql_prior.py", *common, *SYNTH[:2], "--prior.synthetic-q", "0.5", check=False)
     assert other.returncode != 0 and "synthetic:q=1:dist" in other.stderr
@@ -99,6 +106,29 @@ def test_build_dataset_and_cql_prior_with_a_perfect_prior(tmp_path):
     run_script("build_dataset.py", "--transitions", "30", "--out", str(bare), "--k", "0")
     refused = run_script("cql_prior.py", *common, "--dataset", str(bare), "--allow-mismatch", *SYNTH, check=False)
     assert refused.returncode != 0 and "build it with --prior.backend synthetic" in refused.stderr
+
+
+def test_exact_prior_agent_candidates_and_weights():
+    """The exact agent's C(s) is p's support with log p(a|s) as weights: the expert's action alone at Q = 1, every
+    admissible action at log(1/|A|) at Q = 0, and at Q = 0.5 all of them with the expert's weight 0.5 + 0.5/|A|."""
+    from cql_prior import Agent
+
+    info = {"admissible_actions": ACTIONS, "task": "t", "expert_action": "take the bowl"}
+    rng = np.random.default_rng(0)
+    for q, support in ((1.0, ["take the bowl"]), (0.0, ACTIONS), (0.5, ACTIONS)):
+        agent = Agent("overcooked-salad", 5, synthetic(q), None, None, 0, exact=True)
+        cands = agent.candidates("obs", info, [], rng)
+        assert cands == support
+        expected = [q * (a == "take the bowl") + (1 - q) / len(ACTIONS) for a in cands]
+        assert agent.log_weights("obs", info, [], cands) == pytest.approx(np.log(expected))
+
+
+def test_exact_prior_needs_a_distribution(tmp_path):
+    for argv, message in ((["--k", "0"], "--exact-prior"), (["--prior.mode", "map"], "--prior.mode dist"),
+                          (["--prior.per-visit"], "--prior.per-visit")):  # fmt: skip
+        result = run_script("cql_prior.py", "--dataset", __file__, "--exact-prior", *argv, "--runs-dir", str(tmp_path),
+                            check=False)  # fmt: skip
+        assert result.returncode != 0 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_gflan_prior_with_a_perfect_prior(tiny_model, tmp_path):
