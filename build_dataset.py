@@ -311,7 +311,8 @@ def rollout(env, kind: str, rng: np.random.Generator, epsilon: float, reset_seed
             propose=None) -> tuple[list[dict], bool, int]:  # fmt: skip
     """One episode of behaviour `kind` -> (transitions without episode id or proposals, success, expert misses).
     Each transition also carries `_expert` and `_next_expert`, the expert's action at s and s' (None where the env has
-    none), for the prior's quality statistics and the synthetic prior; they are not written to the dataset."""
+    none), for the prior's quality statistics and the synthetic prior; they are written to the dataset (as `expert`,
+    `next_expert`) only when the prior is the synthetic one."""
     obs, info = env.reset(seed=reset_seed)
     history: list[tuple[str, str]] = []
     records, misses, done = [], 0, False
@@ -551,6 +552,9 @@ def build(args: Args) -> dict:
         "uniform_prob": float(np.mean([1 / len(r["admissible"]) for r in with_expert])) if with_expert else None,
         "prior_queries": queries, "prior_seconds_per_query": (time.time() - fill_start) / queries if queries else None,
     }  # fmt: skip
+    if prior is not None and prior.synthetic:  # its p_Q(a|s) needs them (cql_prior.py --exact-prior)
+        for r in records:
+            r["expert"], r["next_expert"] = r["_expert"], r["_next_expert"]
     write_dataset(out, header, records)
     load_dataset(out)  # the file reads back
     print("dataset " + json.dumps({"out": out, **{k: v for k, v in header.items() if k != "prior_args"}}), flush=True)

@@ -119,8 +119,9 @@ class Args:
     exact_prior: bool = False
     """if toggled, C(s) is every admissible action the prior supports, weighted by p(a|s), instead of k draws from p
     (their k → ∞ limit; `dist` mode, where the prior is a distribution): the penalty log Σ_a p(a|s)·exp Q(s,a), the
-    Bellman max over p's support, evaluation ∝ p(a|s)·exp(Q/α). With an uninformative prior this is CQL (the penalty
-    shifted by a constant): a weak prior cannot lock the agent out of the action it needs (docs/cql_prior.md)"""
+    Bellman max over p's support, evaluation ∝ p(a|s)·exp(Q/α). Experimental: with an uninformative prior it is CQL
+    (the penalty shifted by a constant), so a weak prior cannot lock the agent out, but with a fair one it does much
+    worse than the k draws (measured in docs/cql_prior.md)"""
     bootstrap_time_limit: bool = False
     """if toggled, a transition cut by the episode cap bootstraps from s' (the textbook treatment of a time limit); by
     default it ends the TD target, as the authors' code"""
@@ -237,6 +238,10 @@ def train(args: Args) -> dict:
                                                             asdict(prior_args))  # stored proposals: unused if exact
     check(not problems or args.allow_mismatch, f"{args.dataset} does not match this run: its {'; '.join(problems)}. "
           "Build the dataset with this run's settings, or pass --allow-mismatch to use its stored proposals")
+    # the synthetic p_Q(a|s) of --exact-prior needs the expert's action at every state (uniform at Q = 0: none)
+    check(not (synthetic and args.exact_prior and args.prior.synthetic_q > 0) or all("expert" in r for r in records),
+          f"{args.dataset} keeps no expert actions, which --exact-prior with the synthetic prior needs: build it with "
+          "--prior.backend synthetic (this version of build_dataset.py stores them)")  # fmt: skip
     check(not synthetic or all(r["proposals"] is not None for r in records),
           f"{args.dataset} stores no proposals, and the synthetic prior needs the expert's action at each state, which "
           "a dataset does not keep: build it with --prior.backend synthetic")  # fmt: skip
@@ -647,8 +652,8 @@ def candidate_sets(records: list[dict], agent: Agent, use_stored: bool,
         for i in indices:
             r = records[i]
             stored = r["proposals"] if use_stored else None
-            # `_expert`: the expert's action where build_dataset.py knows it (the synthetic prior reads it)
-            info = {"admissible_actions": r["admissible"], "task": r["task"], "expert_action": r.get("_expert")}
+            # `expert`: the expert's action, stored by build_dataset.py with the synthetic prior (which reads it)
+            info = {"admissible_actions": r["admissible"], "task": r["task"], "expert_action": r.get("expert")}
             cands[i] = list(stored) if stored is not None else agent.candidates(r["obs"], info, history, rng)
             if log_weights is not None:
                 log_weights[i] = agent.log_weights(r["obs"], info, history, cands[i])
@@ -657,7 +662,7 @@ def candidate_sets(records: list[dict], agent: Agent, use_stored: bool,
                 continue
             stored = r["next_proposals"] if use_stored else None
             next_info = {"admissible_actions": r["next_admissible"], "task": r["task"],
-                         "expert_action": r.get("_next_expert")}  # fmt: skip
+                         "expert_action": r.get("next_expert")}  # fmt: skip
             next_cands[i] = list(stored) if stored is not None else agent.candidates(r["next_obs"], next_info, history,
                                                                                      rng)  # fmt: skip
     return cands, next_cands, log_weights
@@ -752,11 +757,7 @@ def validate(args: Args) -> None:
     check(not args.exact_prior or (args.k > 0 and p.mode == "dist" and not p.per_visit and not args.authors_code),
           "--exact-prior weighs every action by the prior's distribution: it needs --k > 0 and --prior.mode dist, "
           "without --prior.per-visit and --authors-code")  # fmt: skip
-    # the synthetic p_Q(a|s) needs the expert's action at every dataset state, which a dataset does not keep (only
-    # the proposals drawn from p_Q); at Q = 0 p_Q is uniform and needs none
-    check(not (args.exact_prior and p.backend == "synthetic" and p.synthetic_q > 0),
-          "--exact-prior with the synthetic prior needs the expert's action at each dataset state, which a dataset "
-          "does not keep: only --prior.synthetic-q 0 (uniform) works offline")  # fmt: skip
+
     check(not (args.authors_code and p != PriorArgs()), "--authors-code sets the prior: drop the --prior.* flags")
 
 

@@ -20,6 +20,8 @@ DATASET_FIELDS = (
     "episode", "step", "task", "obs", "admissible", "action", "reward", "next_obs", "next_admissible",
     "terminated", "truncated", "proposals", "next_proposals",
 )  # fmt: skip
+# written where the writer knows them (datasets built with the synthetic prior): the expert's action at s and s'
+OPTIONAL_FIELDS = ("expert", "next_expert")
 
 
 def write_dataset(path: str, header: dict, records: list[dict]) -> None:
@@ -32,7 +34,7 @@ def write_dataset(path: str, header: dict, records: list[dict]) -> None:
     with open(tmp, "w") as f:
         f.write(json.dumps({"format": DATASET_FORMAT, "version": DATASET_VERSION, **header}) + "\n")
         for r in records:
-            f.write(json.dumps({k: r[k] for k in DATASET_FIELDS}) + "\n")
+            f.write(json.dumps({k: r[k] for k in (*DATASET_FIELDS, *OPTIONAL_FIELDS) if k in r}) + "\n")
     os.replace(tmp, path)
 
 
@@ -88,6 +90,9 @@ def _check_record(r: object) -> Optional[tuple[str, str]]:
             return name, f"holds {bad[0]!r}, which is not in {where}"
     if r["proposals"] is not None and not r["proposals"]:
         return "proposals", "is an empty list (use null for 'not stored')"
+    for name, allowed in (("expert", r["admissible"]), ("next_expert", r["next_admissible"])):
+        if r.get(name) is not None and r[name] not in allowed:
+            return name, f"{r[name]!r} is not in {'admissible' if name == 'expert' else 'next_admissible'}"
     return None
 
 

@@ -42,6 +42,17 @@ def test_round_trip(tmp_path):
     assert open(path).read().endswith("\n") and not list(tmp_path.glob("*.tmp-*"))  # atomic: no temp file left
 
 
+def test_expert_fields_round_trip_and_are_checked(tmp_path):
+    """The optional `expert` / `next_expert` (written with the synthetic prior) come back as written, and an expert
+    action outside the admissible ones is an error naming the field."""
+    recs = [{**r, "expert": "b", "next_expert": None if r["terminated"] else "a"} for r in records()]
+    _, loaded = load_dataset(write(tmp_path / "e.jsonl", recs=recs))
+    assert loaded == recs
+    bad = write(tmp_path / "bad.jsonl", recs=[{**recs[0], "next_expert": "c"}, *recs[1:]])
+    with pytest.raises(DatasetError, match=r"line 2 \(record 1\).*'next_expert'.*'c' is not in next_admissible"):
+        load_dataset(bad)
+
+
 def lines_of(path):
     return open(path).read().splitlines(keepends=True)
 

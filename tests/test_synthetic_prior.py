@@ -91,10 +91,12 @@ def test_build_dataset_and_cql_prior_with_a_perfect_prior(tmp_path):
               "--runs-dir", str(tmp_path)]  # fmt: skip
     summary = last_json(run_script("cql_prior.py", *common, *SYNTH), "summary ")
     assert summary["eval/success_rate"] == 1.0 and summary["dataset_prior_queries"] == 0
-    # --exact-prior weighs every action by p_Q(a|s), which needs the expert's action at each dataset state: refused,
-    # except at Q = 0, where p is uniform and every admissible action is in C(s) (CQL's candidate sets)
-    refused = run_script("cql_prior.py", *common, *SYNTH, "--exact-prior", check=False)
-    assert refused.returncode != 0 and "only --prior.synthetic-q 0" in refused.stderr
+    # --exact-prior weighs every action by p_Q(a|s), from the expert's actions the dataset keeps: at Q = 1 C(s) is the
+    # expert's action alone, as its k proposals are
+    assert all(r["expert"] in r["proposals"] for r in records) and all("next_expert" in r for r in records)
+    exact = last_json(run_script("cql_prior.py", *common, *SYNTH, "--exact-prior"), "summary ")
+    assert exact["eval/success_rate"] == 1.0 and exact["data_action_coverage"] == summary["data_action_coverage"]
+    # at Q = 0 every admissible action is in C(s) (CQL's candidate sets)
     uniform = last_json(run_script("cql_prior.py", *common, *SYNTH[:2], "--prior.synthetic-q", "0", "--exact-prior"),
                         "summary ")  # fmt: skip
     assert uniform["data_action_coverage"] == 1.0
@@ -106,6 +108,8 @@ def test_build_dataset_and_cql_prior_with_a_perfect_prior(tmp_path):
     run_script("build_dataset.py", "--transitions", "30", "--out", str(bare), "--k", "0")
     refused = run_script("cql_prior.py", *common, "--dataset", str(bare), "--allow-mismatch", *SYNTH, check=False)
     assert refused.returncode != 0 and "build it with --prior.backend synthetic" in refused.stderr
+    no_expert = run_script("cql_prior.py", *common, "--dataset", str(bare), *SYNTH, "--exact-prior", check=False)
+    assert no_expert.returncode != 0 and "keeps no expert actions" in no_expert.stderr
 
 
 def test_exact_prior_agent_candidates_and_weights():
