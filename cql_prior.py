@@ -573,15 +573,15 @@ class Agent:
         if self.prior is None:
             return list(admissible[: self.max_actions])
         if self.exact:
-            p = self.prior.distribution(self.prompt(obs, info, history), admissible, info.get("expert_action"))
-            return [a for a, w in zip(admissible, p) if w > 0]
+            return self.support(obs, info, history)[0]
         return self.prior.propose(self.prompt(obs, info, history), admissible, self.k, info.get("expert_action"), rng)
 
-    def log_weights(self, obs: str, info: dict, history: list[tuple[str, str]], actions: list[str]) -> np.ndarray:
-        """log p(a|s) of `actions` under the prior (`exact` only; k proposals weigh by their count instead)."""
-        admissible = list(info["admissible_actions"])
+    def support(self, obs: str, info: dict, history: list[tuple[str, str]]) -> tuple[list[str], np.ndarray]:
+        """(`exact`) the admissible actions the prior supports, and their log p(a|s)."""
+        admissible = info["admissible_actions"]
         p = self.prior.distribution(self.prompt(obs, info, history), admissible, info.get("expert_action"))
-        return np.log(p[[admissible.index(a) for a in actions]])
+        keep = [i for i, w in enumerate(p) if w > 0]
+        return [admissible[i] for i in keep], np.log(p[keep])
 
     def prompt(self, obs: str, info: dict, history: list[tuple[str, str]]) -> str:
         from llmprior.prompts import build_prompt
@@ -617,10 +617,10 @@ def evaluate(agent: Agent, env, episodes: int, alpha: float, stop=None, name: st
                 stop.check()
             if progress.due():
                 progress.line(ep, f"(step {len(history)} of episode {ep + 1})")
-            cands = agent.candidates(obs, info, history, rng)
-            q = agent.q_values(agent.features(obs, info, cands))
-            if agent.exact:  # softmax(Q/α + log p(a|s)), i.e. p(a|s)·exp(Q/α) normalised; the argmax of Q at α = 0
-                q = q + alpha * agent.log_weights(obs, info, history, cands)
+            # an `exact` agent samples softmax(Q/α + log p(a|s)), i.e. p(a|s)·exp(Q/α) normalised (argmax of Q at α = 0)
+            cands, log_p = agent.support(obs, info, history) if agent.exact else (
+                agent.candidates(obs, info, history, rng), 0.0)
+            q = agent.q_values(agent.features(obs, info, cands)) + alpha * log_p
             action = cands[select_action(q, alpha, 0.0, rng)]
             history.append((obs, action))
             obs, reward, terminated, truncated, info = env.step(action)
@@ -654,9 +654,10 @@ def candidate_sets(records: list[dict], agent: Agent, use_stored: bool,
             stored = r["proposals"] if use_stored else None
             # `expert`: the expert's action, stored by build_dataset.py with the synthetic prior (which reads it)
             info = {"admissible_actions": r["admissible"], "task": r["task"], "expert_action": r.get("expert")}
-            cands[i] = list(stored) if stored is not None else agent.candidates(r["obs"], info, history, rng)
             if log_weights is not None:
-                log_weights[i] = agent.log_weights(r["obs"], info, history, cands[i])
+                cands[i], log_weights[i] = agent.support(r["obs"], info, history)
+            else:
+                cands[i] = list(stored) if stored is not None else agent.candidates(r["obs"], info, history, rng)
             history = history + [(r["obs"], r["action"])]
             if r["terminated"]:
                 continue
@@ -757,7 +758,6 @@ def validate(args: Args) -> None:
     check(not args.exact_prior or (args.k > 0 and p.mode == "dist" and not p.per_visit and not args.authors_code),
           "--exact-prior weighs every action by the prior's distribution: it needs --k > 0 and --prior.mode dist, "
           "without --prior.per-visit and --authors-code")  # fmt: skip
-
     check(not (args.authors_code and p != PriorArgs()), "--authors-code sets the prior: drop the --prior.* flags")
 
 

@@ -588,15 +588,15 @@ class Agent:
         if self.prior is None:
             return list(admissible[: self.max_actions])
         if self.exact:
-            p = self.prior.distribution(self.prompt(obs, info, history), admissible, info.get("expert_action"))
-            return [a for a, w in zip(admissible, p) if w > 0]
+            return self.support(obs, info, history)[0]
         return self.prior.propose(self.prompt(obs, info, history), admissible, self.k, info.get("expert_action"), rng)
 
-    def log_weights(self, obs: str, info: dict, history: list[tuple[str, str]], actions: list[str]) -> np.ndarray:
-        """log p(a|s) of `actions` under the prior (`exact` only; k proposals weigh by their count instead)."""
-        admissible = list(info["admissible_actions"])
+    def support(self, obs: str, info: dict, history: list[tuple[str, str]]) -> tuple[list[str], np.ndarray]:
+        """(`exact`) the admissible actions the prior supports, and their log p(a|s)."""
+        admissible = info["admissible_actions"]
         p = self.prior.distribution(self.prompt(obs, info, history), admissible, info.get("expert_action"))
-        return np.log(p[[admissible.index(a) for a in actions]])
+        keep = [i for i, w in enumerate(p) if w > 0]
+        return [admissible[i] for i in keep], np.log(p[keep])
 
     def prompt(self, obs: str, info: dict, history: list[tuple[str, str]]) -> str:
         from llmprior.prompts import build_prompt
@@ -632,10 +632,10 @@ def evaluate(agent: Agent, env, episodes: int, alpha: float, stop=None, name: st
                 stop.check()
             if progress.due():
                 progress.line(ep, f"(step {len(history)} of episode {ep + 1})")
-            cands = agent.candidates(obs, info, history, rng)
-            q = agent.q_values(agent.features(obs, info, cands))
-            if agent.exact:  # softmax(Q/α + log p(a|s)), i.e. p(a|s)·exp(Q/α) normalised; the argmax of Q at α = 0
-                q = q + alpha * agent.log_weights(obs, info, history, cands)
+            # an `exact` agent samples softmax(Q/α + log p(a|s)), i.e. p(a|s)·exp(Q/α) normalised (argmax of Q at α = 0)
+            cands, log_p = agent.support(obs, info, history) if agent.exact else (
+                agent.candidates(obs, info, history, rng), 0.0)
+            q = agent.q_values(agent.features(obs, info, cands)) + alpha * log_p
             action = cands[select_action(q, alpha, 0.0, rng)]
             history.append((obs, action))
             obs, reward, terminated, truncated, info = env.step(action)

@@ -69,12 +69,12 @@ class TransformersBackend:
         import torch
         from transformers import GenerationConfig
 
-        from llmprior.models import load_causal_lm, resolve_dtype
+        from llmprior.models import load_model, resolve_dtype
 
         self.torch = torch
         self.device = device or torch.device("cpu")
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model, self.tokenizer, self.label = load_causal_lm(model, self.device, self.dtype)
+        self.model, self.tokenizer, self.label = load_model(model, self.device, self.dtype)
         tok = self.tokenizer
         self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else self.model.config.eos_token_id
         if isinstance(self.eos_id, (list, tuple)):

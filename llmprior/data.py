@@ -90,9 +90,9 @@ def _check_record(r: object) -> Optional[tuple[str, str]]:
             return name, f"holds {bad[0]!r}, which is not in {where}"
     if r["proposals"] is not None and not r["proposals"]:
         return "proposals", "is an empty list (use null for 'not stored')"
-    for name, allowed in (("expert", r["admissible"]), ("next_expert", r["next_admissible"])):
-        if r.get(name) is not None and r[name] not in allowed:
-            return name, f"{r[name]!r} is not in {'admissible' if name == 'expert' else 'next_admissible'}"
+    for name, where in (("expert", "admissible"), ("next_expert", "next_admissible")):
+        if r.get(name) is not None and r[name] not in r[where]:
+            return name, f"{r[name]!r} is not in {where}"
     return None
 
 

@@ -132,11 +132,6 @@ def load_model(name: str, device, dtype, seq2seq: bool = False, attn_implementat
     return model.to(device).eval(), tokenizer, label
 
 
-def load_causal_lm(name: str, device, dtype):
-    """-> (model in eval mode on `device`, tokenizer, label) for an LLM prior."""
-    return load_model(name, device, dtype)
-
-
 def _share(folder: Path) -> None:
     """A converted folder readable by every user, like the rest of ~/.cache: mkdtemp makes it private and
     safetensors writes its file 0600 (a folder converted by an older version is repaired on load, if it is ours)."""

@@ -121,10 +121,10 @@ def test_exact_prior_agent_candidates_and_weights():
     rng = np.random.default_rng(0)
     for q, support in ((1.0, ["take the bowl"]), (0.0, ACTIONS), (0.5, ACTIONS)):
         agent = Agent("overcooked-salad", 5, synthetic(q), None, None, 0, exact=True)
-        cands = agent.candidates("obs", info, [], rng)
-        assert cands == support
+        cands, log_p = agent.support("obs", info, [])
+        assert cands == support and agent.candidates("obs", info, [], rng) == cands
         expected = [q * (a == "take the bowl") + (1 - q) / len(ACTIONS) for a in cands]
-        assert agent.log_weights("obs", info, [], cands) == pytest.approx(np.log(expected))
+        assert log_p == pytest.approx(np.log(expected))
 
 
 def test_exact_prior_needs_a_distribution(tmp_path):
