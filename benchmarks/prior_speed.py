@@ -1,16 +1,22 @@
-"""The cost of the prior: seconds per state of `dist` scoring, next to the floor (the prompt's forward pass alone).
+"""The cost of the prior: seconds per state of `dist` scoring, next to two floors.
 
 Along noisy expert episodes of each env (the scripts' prompts, the env's default history), it times for every state:
 - `floor`: one forward over the prompt, keeping the last position's logits (what any scoring must at least do);
-- `tree`: llmprior's `TransformersBackend.score` (the prompt once, then all actions in one forward as a token trie
-  under a tree attention mask, the LM head only at the nodes whose next token is scored);
+- `floor_head`: the prompt's forward, then the LM head (over vocabulary chunks, as the tree runs it) at as many
+  positions as the actions' token trie scores: the arithmetic any exact scoring of these actions must do;
+- `tree`: llmprior's `TransformersBackend.score` (the prompt and the actions' token trie in one forward under a tree
+  attention mask, the LM head only at the prompt's end and the nodes whose next token is scored);
 - `padded`: the previous implementation, the backend's fallback: every action in one padded batch against the
   prompt's cache, the LM head at every position;
 and checks that tree and padded give the same scores. `map` sampling (k = 5 free-form samples of 10 tokens) is timed
-with --modes map. Wall-clock with OMP_NUM_THREADS threads (set it; 1 is the measured default), first state excluded.
+with --modes map. With --llamacpp, `map` sampling is timed through the `openai` backend too, against llama.cpp's
+OpenAI-compatible server serving the same GGUF file with as many threads (`pip install "llama-cpp-python[server]"`;
+its `dist` scoring is refused, see `OpenAIBackend`). Wall-clock with OMP_NUM_THREADS threads (set it; 1 is the
+measured default), first state excluded.
 
     OMP_NUM_THREADS=1 python benchmarks/prior_speed.py                       # embedded Gemma, 4 envs, 20 states each
     OMP_NUM_THREADS=2 python benchmarks/prior_speed.py --envs alfworld-pick --states 10
+    OMP_NUM_THREADS=1 python benchmarks/prior_speed.py --modes dist map --llamacpp   # and llama.cpp's server
 
 Writes results/prior_speed.csv (a row per env, model and thread count; rows of other selections are kept).
 """
@@ -29,7 +35,7 @@ ENTRY = "prior_speed"
 BUDGET = {"smoke": dict(envs=["overcooked-tomato"], states=3),
           "small": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick"], states=20),
           "paper": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick"], states=50)}
-KEY = ["env", "model", "threads"]
+KEY = ["env", "model", "threads", "backend"]
 
 
 def states_of(env_id: str, n: int, seed: int = 10_001) -> list[tuple[str, list[str]]]:
@@ -71,10 +77,41 @@ def floor(backend, prompt: str) -> None:
         backend.model(input_ids=torch.tensor([backend.tokenizer(prompt).input_ids]), logits_to_keep=1)
 
 
+def scored_rows(backend, prompt: str, actions: list[str]) -> int:
+    """Positions whose next-token distribution the trie needs: the prompt's end and every inner trie node."""
+    from llmprior.backends import continuation_ids
+
+    prefixes = {tuple(ids[:j]) for ids in (continuation_ids(backend.tokenizer, prompt, a)[1] for a in actions)
+                for j in range(len(ids))}  # fmt: skip
+    return len(prefixes)  # the empty prefix is the prompt's end
+
+
+def floor_head(backend, prompt: str, rows: int) -> None:
+    import torch
+
+    with torch.no_grad():
+        hidden = backend.model.model(input_ids=torch.tensor([backend.tokenizer(prompt).input_ids])).last_hidden_state
+        backend._log_probs(hidden[0, -1:].expand(rows, -1), list(range(rows)), [0] * rows)
+
+
 def timed(fn, *args) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn(*args)
     return time.perf_counter() - start, result
+
+
+def llamacpp_row(model: str, env_id: str, states, threads: int) -> dict:
+    """The openai backend against llama.cpp's server on the model's GGUF: seconds per state of map sampling (its
+    dist scoring is refused: llama-cpp-python's echo logprobs are one token off)."""
+    from llmprior.backends import OpenAIBackend, serve_llamacpp
+
+    with serve_llamacpp(model, threads=threads) as url:
+        os.environ["OPENAI_BASE_URL"] = url
+        server = OpenAIBackend(None)
+        t_map = [timed(server.sample, prompt, 5, i)[0] for i, (prompt, _) in enumerate(states)][1:]
+    return {"env": env_id, "model": model, "threads": threads, "backend": "llamacpp", "states": len(states) - 1,
+            "actions_per_state": round(float(np.mean([len(a) for _, a in states[1:]])), 1),
+            "map_s": round(float(np.mean(t_map)), 3)}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -83,6 +120,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["gemma"])
     parser.add_argument("--states", type=int, default=None)
     parser.add_argument("--modes", nargs="+", choices=["dist", "map"], default=["dist"])
+    parser.add_argument("--llamacpp", action="store_true", help="also time map sampling on llama.cpp's server")
     args = parser.parse_args(argv)
     b = BUDGET[args.budget]
     envs_, n = args.envs or b["envs"], args.states or b["states"]
@@ -100,32 +138,39 @@ def main(argv=None) -> int:
         backend = TransformersBackend(model, torch.device("cpu"))
         for env_id in envs_:
             states = states_of(env_id, n + 1)
-            times: dict[str, list[float]] = {"floor": [], "tree": [], "padded": [], "map": []}
+            times: dict[str, list[float]] = {"floor": [], "floor_head": [], "tree": [], "padded": [], "map": []}
             worst = 0.0
             for i, (prompt, actions) in enumerate(states):
                 t_floor, _ = timed(floor, backend, prompt)
+                t_floor_head, _ = timed(floor_head, backend, prompt, scored_rows(backend, prompt, actions))
                 t_tree, (tree, _) = timed(backend.score, prompt, actions)
                 t_padded, padded = timed(padded_scores, backend, prompt, actions)
                 worst = max(worst, float(np.abs(tree - padded).max()))
                 t_map = timed(backend.sample, prompt, 5, i)[0] if "map" in args.modes else None
                 if i:  # the first state warms up
-                    for name, t in (("floor", t_floor), ("tree", t_tree), ("padded", t_padded), ("map", t_map)):
+                    for name, t in (("floor", t_floor), ("floor_head", t_floor_head), ("tree", t_tree),
+                                    ("padded", t_padded), ("map", t_map)):
                         if t is not None:
                             times[name].append(t)
             mean = {name: float(np.mean(t)) if t else None for name, t in times.items()}
-            rows.append({"env": env_id, "model": model, "threads": threads, "states": n,
+            rows.append({"env": env_id, "model": model, "threads": threads, "backend": "transformers", "states": n,
                          "actions_per_state": round(float(np.mean([len(a) for _, a in states[1:]])), 1),
-                         "floor_s": round(mean["floor"], 3), "dist_tree_s": round(mean["tree"], 3),
-                         "dist_padded_s": round(mean["padded"], 3),
+                         "floor_s": round(mean["floor"], 3), "floor_head_s": round(mean["floor_head"], 3),
+                         "dist_s": round(mean["tree"], 3), "dist_padded_s": round(mean["padded"], 3),
                          "tree_over_floor": round(mean["tree"] / mean["floor"], 2),
+                         "tree_over_floor_head": round(mean["tree"] / mean["floor_head"], 2),
                          "map_s": None if mean["map"] is None else round(mean["map"], 3),
                          "max_score_difference": worst, "commit": commit, "command": command})  # fmt: skip
             print(" ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+            if args.llamacpp:
+                rows.append(llamacpp_row(model, env_id, states, threads) | {"commit": commit, "command": command})
+                print(" ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
     path = os.path.join(args.results_dir, f"{ENTRY}{'' if args.budget == 'small' else '_' + args.budget}.csv")
     rows = merge_rows(path, rows, KEY, {_key(r, KEY) for r in rows})
     write_csv(rows, path)
-    print(markdown_table(rows, ["env", "model", "threads", "actions_per_state", "floor_s", "dist_tree_s",
-                                "dist_padded_s", "tree_over_floor", "map_s", "max_score_difference"]))  # fmt: skip
+    print(markdown_table(rows, ["env", "model", "threads", "backend", "actions_per_state", "floor_s", "floor_head_s",
+                                "dist_s", "dist_padded_s", "tree_over_floor", "tree_over_floor_head", "map_s",
+                                "max_score_difference"]))  # fmt: skip
     return 0
 
 

@@ -9,16 +9,18 @@ Every backend offers
 and `label` (the model, for logs and cache keys) and `numerics` (what else changes the numbers: device and dtype,
 the server). Sampling uses the authors' `generate` settings (SAMPLING). A `seed` makes a sample reproducible.
 
-- `transformers`: in process, CPU or CUDA; the prompt is encoded once and its key/value cache shared by the actions.
+- `transformers`: in process, CPU or CUDA; the prompt and the actions' token trie in one forward (`score`), the
+  prompt's key/value cache shared by the samples.
 - `vllm`: vLLM's offline engine (CUDA; `pip install vllm`, not in requirements.txt: it pins its own torch).
-- `openai`: any OpenAI-compatible /v1/completions server (`vllm serve`, llama.cpp's server), over plain HTTP. The
-  server is $OPENAI_BASE_URL (default http://127.0.0.1:8000/v1), the key $OPENAI_API_KEY: neither is a flag, so
-  neither is ever written into a run's files.
+- `openai`: any OpenAI-compatible /v1/completions server (`vllm serve`, llama.cpp's server: `serve_llamacpp`),
+  over plain HTTP. The server is $OPENAI_BASE_URL (default http://127.0.0.1:8000/v1), the key $OPENAI_API_KEY:
+  neither is a flag, so neither is ever written into a run's files.
 - `synthetic`: no LLM; the prior of known quality, see SyntheticBackend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -63,7 +65,8 @@ def continuation_ids(tokenizer, prompt: str, action: str) -> tuple[list[int], li
 
 
 class TransformersBackend:
-    SCORE_CHUNK = 64  # actions (and tree nodes) per forward: bounds the logits kept at once (rows x 262k on Gemma)
+    SCORE_CHUNK = 64  # actions per forward: bounds the padded path's logits (rows x positions x 262k on Gemma)
+    HEAD_CHUNK = 1024  # vocabulary rows of the LM head per matrix product on a CPU (`_log_probs`)
 
     def __init__(self, model: str, device, dtype: Optional[str] = None) -> None:
         import torch
@@ -121,27 +124,29 @@ class TransformersBackend:
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def score(self, prompt: str, actions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """One forward over the prompt, then all actions in one more forward, as a token trie (tree attention): each
-        trie node is one input position that sees the prompt's KV cache and its own ancestors, so a prefix shared by
+        """The prompt and all actions in one forward, the actions as a token trie (tree attention): each trie node is
+        one input position after the prompt that sees the prompt and its own ancestors, so a prefix shared by
         several actions ("go to ...", "take ... from ...") runs once and nothing is padded, and the LM head (262k
-        rows on Gemma, most of the cost) runs once, only at the nodes whose next token is scored. Where the tree
-        does not apply (a sliding-window layer whose window the prompt fills, a model without a separate LM head)
-        the actions go as one padded batch against the prompt's repeated cache, the LM head at every position."""
+        rows on Gemma, most of the cost) runs once, only at the prompt's end and the nodes whose next token is scored,
+        over vocabulary chunks (`_log_probs`). Where the tree does not apply (a sliding-window layer whose window the
+        sequence outgrows, a model without a separate LM head) the prompt runs first and the actions go as one padded
+        batch against its repeated cache, the LM head at every position."""
         torch = self.torch
         pairs = [continuation_ids(self.tokenizer, prompt, a) for a in actions]
         prompt_ids, action_ids = pairs[0][0], [ids for _, ids in pairs]
-        scores = np.zeros(len(actions))
+        tokens = np.array([len(a) for a in action_ids], dtype=np.float64)
         with torch.no_grad():
+            if self._tree_fits(len(prompt_ids) + max(map(len, action_ids))):
+                return self._tree_logps(prompt_ids, action_ids), tokens
+            scores = np.zeros(len(actions))
             out = self.model(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=True,
                              logits_to_keep=1)  # fmt: skip
             first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             for start in range(0, len(actions), self.SCORE_CHUNK):  # bounds memory: rows x positions x vocab
                 cache = out.cache if start + self.SCORE_CHUNK >= len(actions) else copy.deepcopy(out.cache)
                 chunk = action_ids[start : start + self.SCORE_CHUNK]
-                tree = self._tree_fits(len(prompt_ids) + max(map(len, chunk)))
-                logps = (self._tree_logps if tree else self._padded_logps)(chunk, len(prompt_ids), first, cache)
-                scores[start : start + len(chunk)] = logps
-        return scores, np.array([len(a) for a in action_ids], dtype=np.float64)
+                scores[start : start + len(chunk)] = self._padded_logps(chunk, len(prompt_ids), first, cache)
+        return scores, tokens
 
     def _tree_fits(self, length: int) -> bool:
         """The tree's attention mask replaces the model's own: a model that names its layer types (Gemma 3, Qwen)
@@ -153,7 +158,7 @@ class TransformersBackend:
         return hasattr(self.model, "lm_head") and hasattr(self.model, "model") and (per_type or not window
                                                                                   or length < window)  # fmt: skip
 
-    def _tree_logps(self, action_ids: list[list[int]], prompt_len: int, first, cache) -> np.ndarray:
+    def _tree_logps(self, prompt_ids: list[int], action_ids: list[list[int]]) -> np.ndarray:
         torch = self.torch
         children: list[dict[int, int]] = [{}]  # node -> {token: child}; node 0 is the prompt's end
         token, parent, depth, ends = [-1], [-1], [0], []
@@ -166,51 +171,65 @@ class TransformersBackend:
                 node = children[node][t]
             ends.append(node)
         fed = [n for n in range(1, len(token)) if children[n]]  # the nodes whose next token is scored
+        # The sequence: the prompt (causal), then the fed nodes, each seeing the prompt, its ancestors and itself.
+        prompt_len, size = len(prompt_ids), len(prompt_ids) + len(fed)
+        position = {0: prompt_len - 1, **{n: prompt_len + i for i, n in enumerate(fed)}}
+        allowed = torch.ones((size, size), dtype=torch.bool).tril()
+        allowed[prompt_len:, prompt_len:] = False
+        for n in fed:
+            m = n
+            while m > 0:  # itself and its ancestors (all fed: they have children)
+                allowed[position[n], position[m]] = True
+                m = parent[m]
+        positions = torch.tensor(list(range(prompt_len)) + [prompt_len + depth[n] - 1 for n in fed])
+        mask = self._additive(allowed)
+        config = self.model.config
+        if getattr(config, "layer_types", None):  # one mask per layer type
+            window = getattr(config, "sliding_window", None)
+            masks = {"full_attention": mask}
+            if window:
+                near = positions[:, None] - positions[None, :] < window
+                masks["sliding_attention"] = self._additive(allowed & near)
+            mask = {t: masks.get(t, mask) for t in set(config.layer_types)}
+        hidden = self.model.model(
+            input_ids=torch.tensor([prompt_ids + [token[n] for n in fed]], device=self.device),
+            attention_mask=mask,
+            position_ids=positions[None].to(self.device),
+            use_cache=False,
+        ).last_hidden_state[0, prompt_len - 1 :]  # the prompt's end, then the fed nodes
+        # Each child's token is scored at its parent's position.
+        pairs = [(p, c) for p in [0, *fed] for c in children[p].values()]
+        step = self._log_probs(hidden, [position[p] - prompt_len + 1 for p, _ in pairs], [token[c] for _, c in pairs])
         logp = torch.zeros(len(token), dtype=torch.float64)  # log p(path to the node | prompt)
-        kids = list(children[0].items())
-        logp[[c for _, c in kids]] = first[[t for t, _ in kids]].double().cpu()
-        if fed:
-            row = {n: i for i, n in enumerate(fed)}
-            allowed = torch.zeros((len(fed), prompt_len + len(fed)), dtype=torch.bool)
-            allowed[:, :prompt_len] = True
-            for i, n in enumerate(fed):
-                while n > 0:  # itself and its ancestors (all fed: they have children)
-                    allowed[i, prompt_len + row[n]] = True
-                    n = parent[n]
-            positions = torch.tensor([prompt_len + depth[n] - 1 for n in fed])
-            mask = self._additive(allowed)
-            config = self.model.config
-            if getattr(config, "layer_types", None):  # one mask per layer type
-                masks = {"full_attention": mask}
-                window = getattr(config, "sliding_window", None)
-                if window:  # a sliding layer's cache keeps the prompt's last window - 1 positions
-                    kept = min(prompt_len, window - 1)
-                    sliding = allowed[:, prompt_len - kept :].clone()
-                    seen = torch.arange(prompt_len - kept, prompt_len)
-                    sliding[:, :kept] = positions[:, None] - seen[None, :] < window
-                    sliding[:, kept:] &= positions[:, None] - positions[None, :] < window  # deep actions, tiny windows
-                    masks["sliding_attention"] = self._additive(sliding)
-                mask = {t: masks.get(t, mask) for t in set(config.layer_types)}
-            hidden = self.model.model(
-                input_ids=torch.tensor([[token[n] for n in fed]], device=self.device),
-                attention_mask=mask,
-                position_ids=positions[None].to(self.device),
-                cache=cache,
-                use_cache=True,
-            ).last_hidden_state[0]
-            cap = getattr(self.model.config, "final_logit_softcapping", None)
-            for lo in range(0, len(fed), self.SCORE_CHUNK):  # bounds the logits' memory (rows x vocab)
-                logits = self.model.lm_head(hidden[lo : lo + self.SCORE_CHUNK]).float()
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                step = torch.log_softmax(logits, dim=-1).double().cpu()
-                for i, n in enumerate(fed[lo : lo + self.SCORE_CHUNK]):
-                    for t, c in children[n].items():
-                        logp[c] = step[i, t]
-            for n in fed:  # ancestors come first (a child has a larger index than its parent)
-                for c in children[n].values():
-                    logp[c] += logp[n]
+        logp[[c for _, c in pairs]] = step.double().cpu()
+        for n in fed:  # ancestors come first (a child has a larger index than its parent)
+            for c in children[n].values():
+                logp[c] += logp[n]
         return logp[ends].numpy()
+
+    def _log_probs(self, hidden, rows: list[int], tokens: list[int]):
+        """log softmax(LM head(hidden[r]))[t] for each (r, t) of rows x tokens, the logits' normaliser computed
+        over vocabulary chunks of HEAD_CHUNK rows of the head: on a CPU a chunk's logits stay in cache, where all
+        rows x 262k of them (Gemma) would not (benchmarks/prior_speed.py times the whole scoring); the scores move
+        by float32 rounding only."""
+        torch = self.torch
+        head = self.model.lm_head
+        weight, bias = head.weight, head.bias
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        rows_t = torch.tensor(rows, device=hidden.device)
+        tokens_t = torch.tensor(tokens, device=hidden.device)
+        chunk = self.HEAD_CHUNK if hidden.device.type == "cpu" else weight.shape[0]
+        picked = torch.empty(len(rows), dtype=torch.float32, device=hidden.device)
+        normalisers = []
+        for lo in range(0, weight.shape[0], chunk):
+            hi = min(lo + chunk, weight.shape[0])
+            logits = torch.nn.functional.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi]).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            normalisers.append(torch.logsumexp(logits, dim=-1))
+            inside = (tokens_t >= lo) & (tokens_t < hi)
+            picked[inside] = logits[rows_t[inside], tokens_t[inside] - lo]
+        return picked - torch.logsumexp(torch.stack(normalisers, dim=-1), dim=-1)[rows_t]
 
     def _additive(self, allowed):
         """A boolean (query x key) mask as the 4-D additive mask models take as given: 0 where allowed."""
@@ -350,6 +369,7 @@ class OpenAIBackend:
     def __init__(self, model: Optional[str]) -> None:
         self.url = os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1").rstrip("/")
         self.api_key = os.environ.get("OPENAI_API_KEY")
+        self._listed: Optional[list] = None
         self.model = model or self._first_model()
         self.label = self.model
         self.numerics = f"openai:{self.url}"
@@ -382,11 +402,21 @@ class OpenAIBackend:
             "$OPENAI_BASE_URL"
         ) from None
 
+    def _models(self) -> list[dict]:
+        if self._listed is None:
+            self._listed = self._request("/models").get("data") or []
+        return self._listed
+
     def _first_model(self) -> str:
-        models = self._request("/models").get("data") or []
-        if not models:
+        if not self._models():
             raise ServerError(f"{self.url}/models lists no model; pass --prior.model")
-        return models[0]["id"]
+        return self._models()[0]["id"]
+
+    def _echo_logprobs_broken(self) -> bool:
+        """llama-cpp-python's server (it lists its models as owned by "me") returns echo logprobs one position off:
+        token i's log-probability is read from the distribution that predicts token i + 1 (v0.3.36, checked against
+        its own logits), after sorting the whole vocabulary per token (20-35 s per action). Its sampling is fine."""
+        return any(m.get("owned_by") == "me" for m in self._models())
 
     def _completion(self, **payload) -> list[dict]:
         payload["top_k"] = SAMPLING["top_k"]  # vLLM and llama.cpp accept it; OpenAI's own API has no top_k
@@ -395,12 +425,25 @@ class OpenAIBackend:
             raise ServerError(f"{self.url}/completions returned no choices")
         return sorted(choices, key=lambda c: c.get("index", 0))
 
+    def _texts(self, k: int, seed: int, **payload) -> list[str]:
+        """k completions: asked as n = k, and where the server returns fewer (llama.cpp's server ignores n), the
+        rest one request each, the j-th with its own seed drawn from `seed`, so that the k texts still depend on the
+        seed alone (and two queries' seeds never share samples)."""
+        texts = [c.get("text", "") for c in self._completion(**payload, n=k, seed=seed)][:k]
+        more = np.random.default_rng(seed).integers(0, 2**31 - 1, size=k)
+        for j in range(len(texts), k):
+            texts.append(self._completion(**payload, n=1, seed=int(more[j]))[0].get("text", ""))
+        return texts
+
     def sample(self, prompt: str, k: int, seed: int) -> list[str]:
-        choices = self._completion(prompt=prompt, n=k, temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
-                                   max_tokens=SAMPLING["max_new_tokens"], seed=seed)  # fmt: skip
-        return [c.get("text", "") for c in choices]
+        return self._texts(k, seed, prompt=prompt, temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
+                           max_tokens=SAMPLING["max_new_tokens"])  # fmt: skip
 
     def score(self, prompt: str, actions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self._echo_logprobs_broken():
+            raise ServerError(f"{self.url} is llama-cpp-python's server, whose prompt logprobs are one token off: "
+                              "scoring (`dist` mode, and `map` mode's draw for a sample that names no action) cannot "
+                              "use it; use --prior.mode map --authors-code with it, or vLLM's server")  # fmt: skip
         sep = "" if prompt[-1:].isspace() else " "
         scores, tokens = np.zeros(len(actions)), np.zeros(len(actions))
         # vLLM's scoring idiom: echo the prompt with its logprobs and generate nothing. One string per request:
@@ -428,16 +471,62 @@ class OpenAIBackend:
     def sample_choices(self, prompt: str, actions: list[str], k: int, seed: int) -> list[str]:
         sep = "" if prompt[-1:].isspace() else " "
         choices = [sep + a for a in actions]
-        base = dict(prompt=prompt, n=k, temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"], seed=seed,
+        base = dict(prompt=prompt, temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
                     max_tokens=max(SAMPLING["max_new_tokens"], max(len(c) for c in choices)))  # fmt: skip
         # vLLM >= 0.10.2 reads `structured_outputs`; older vLLM reads `guided_choice` (removed in 0.12). A server
         # ignores a field it does not know, so check the texts and try the legacy field once.
         for extra in ({"structured_outputs": {"choice": choices}}, {"guided_choice": choices}):
-            texts = [c.get("text", "") for c in self._completion(**base, **extra)]
+            texts = self._texts(k, seed, **base, **extra)
             if all(t.strip() in actions for t in texts):
                 return [t.strip() for t in texts]
         raise ServerError(f"{self.url} does not honour guided choice (`structured_outputs.choice` / `guided_choice`); "
                           "constrained mode over HTTP needs a vLLM server")  # fmt: skip
+
+
+@contextlib.contextmanager
+def serve_llamacpp(model: str, threads: int = 1, n_ctx: int = 2048, startup_s: float = 300.0):
+    """Serve a GGUF model (`gemma`, `smollm2` or a .gguf path) with llama-cpp-python's OpenAI-compatible server on a
+    free local port for the `openai` backend; yields its base URL (what $OPENAI_BASE_URL takes) and stops the server
+    on exit. Needs `pip install "llama-cpp-python[server]"` (compiles llama.cpp, ~10 min once). By hand it is
+    `python -m llama_cpp.server --model $(python -m llmprior.models gemma) --n_threads 1`."""
+    import importlib.util
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from llmprior.models import gguf_file
+
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("uvicorn") is None:
+        raise ImportError('the llama.cpp server needs `pip install "llama-cpp-python[server]"`')
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_file(model)), "--host", "127.0.0.1",
+               "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+               "--n_ctx", str(n_ctx), "--verbose", "False"]  # fmt: skip
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + startup_s
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/models", timeout=5):
+                        break
+                except (urllib.error.URLError, ConnectionError, OSError):
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        tail = log.read().decode(errors="replace")[-500:]
+                        raise ServerError(f"llama.cpp's server did not start ({' '.join(command)}): {tail}") from None
+                    time.sleep(0.5)
+            yield url
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 class SyntheticBackend:

@@ -79,6 +79,14 @@ def _gguf_source(name: str) -> Optional[tuple[Path, Path]]:
     return None
 
 
+def gguf_file(name: str) -> Path:
+    """The GGUF file of a GGUF model name (`gemma`, `smollm2`, a .gguf path), e.g. for llama.cpp's server."""
+    source = _gguf_source(name)
+    if source is None:
+        raise ValueError(f"model {name!r} is not a GGUF model (gemma, smollm2 or a .gguf file)")
+    return source[0]
+
+
 def model_folder(name: str, weights: bool = False) -> tuple[str, str, bool]:
     """-> (what `from_pretrained` loads, a short label for logs and cache keys, whether it is local).
 
@@ -227,3 +235,12 @@ def resolve_dtype(dtype: Optional[str], device) -> "object":
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, dtype)
+
+
+if __name__ == "__main__":  # `python -m llmprior.models gemma`: the path of a GGUF model's file
+    import sys
+
+    try:
+        print(gguf_file(sys.argv[1] if len(sys.argv) > 1 else "gemma"))
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")

@@ -263,9 +263,28 @@ def test_smoke_prior_speed(smoke):
     assert prior_speed.main(["--budget", "smoke", *smoke["dirs"], "--models", smoke["lm"], "--modes", "dist",
                              "map"]) == 0  # fmt: skip
     (row,) = read_rows(smoke, "prior_speed_smoke")
-    assert row["env"] == "overcooked-tomato" and int(row["states"]) == 3 and float(row["actions_per_state"]) == 5
-    assert all(float(row[c]) > 0 for c in ("floor_s", "dist_tree_s", "dist_padded_s", "map_s"))
+    assert row["env"] == "overcooked-tomato" and row["backend"] == "transformers" and int(row["states"]) == 3
+    assert float(row["actions_per_state"]) == 5
+    assert all(float(row[c]) > 0 for c in ("floor_s", "floor_head_s", "dist_s", "dist_padded_s", "map_s"))
     assert float(row["max_score_difference"]) < 1e-4 and row["command"].startswith("OMP_NUM_THREADS=")
+
+
+def test_prior_speed_floor_counts_the_rows_the_tree_scores(smoke, monkeypatch):
+    """floor_head times the LM head at as many positions as score() runs it at: the prompt's end and the trie's inner
+    nodes (shared prefixes once)."""
+    import torch
+
+    from llmprior.backends import TransformersBackend
+
+    backend = TransformersBackend(smoke["lm"], torch.device("cpu"))
+    prompt, actions = "Task: cook. Action:", ["go to cabinet 1", "go to cabinet 2", "take the pan", "look"]
+    rows = []
+    original = TransformersBackend._log_probs
+    monkeypatch.setattr(TransformersBackend, "_log_probs",
+                        lambda self, hidden, r, t: rows.append(hidden.shape[0]) or original(self, hidden, r, t))
+    backend.score(prompt, actions)
+    assert rows == [prior_speed.scored_rows(backend, prompt, actions)] and 1 < rows[0] < sum(
+        len(backend.tokenizer(" " + a, add_special_tokens=False).input_ids) for a in actions)
 
 
 def test_smoke_prior_sweep(smoke):

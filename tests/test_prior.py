@@ -247,6 +247,15 @@ def test_tree_and_padded_scoring_both_match_slow_reference(tiny_model, kind, mon
                             lambda self, *a, _f=original, _p=path: used.append(_p) or _f(self, *a))  # fmt: skip
     np.testing.assert_allclose(backend.score(PROMPT, actions)[0], ref, atol=1e-5, rtol=1e-6)  # long actions: scores near -200
     assert used == ["_tree_logps"]
+    # The LM head over vocabulary chunks (a CPU's default is one chunk for this vocabulary): 400 = 57 x 7 + 1.
+    monkeypatch.setattr(backends.TransformersBackend, "HEAD_CHUNK", 7)
+    np.testing.assert_allclose(backend.score(PROMPT, actions)[0], ref, atol=1e-5, rtol=1e-6)
+    if kind.startswith("gemma3"):  # a soft-capped head (Gemma 2's final_logit_softcapping) is capped per chunk too
+        monkeypatch.setattr(backend.model.config, "final_logit_softcapping", 0.2)
+        capped = slow_scores(prior, PROMPT, actions)
+        assert np.abs(capped - ref).max() > 0.1
+        np.testing.assert_allclose(backend.score(PROMPT, actions)[0], capped, atol=1e-5, rtol=1e-6)
+        monkeypatch.setattr(backend.model.config, "final_logit_softcapping", None)
     monkeypatch.setattr(backends.TransformersBackend, "_tree_fits", lambda self, length: False)
     np.testing.assert_allclose(backend.score(PROMPT, actions)[0], ref, atol=1e-5, rtol=1e-6)  # long actions: scores near -200
     assert used[-1] == "_padded_logps"
@@ -428,6 +437,7 @@ def test_a_corrupt_cache_file_is_named_moved_aside_and_rebuilt(tmp_path, capsys,
 # ---- openai-compatible backend --------------------------------------------------------------------------------------
 class FakeCompletions(http.server.BaseHTTPRequestHandler):
     requests: list = []
+    ignores_n = False
 
     def log_message(self, *args):
         pass
@@ -441,7 +451,7 @@ class FakeCompletions(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        self._send({"data": [{"id": "fake-model"}]})
+        self._send({"data": [{"id": "fake-model", **({"owned_by": "me"} if FakeCompletions.ignores_n else {})}]})
 
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -457,6 +467,8 @@ class FakeCompletions(http.server.BaseHTTPRequestHandler):
                 choices.append({"index": i, "text": text,
                                 "logprobs": {"tokens": words, "token_logprobs": lps, "text_offset": offsets}})
             return self._send({"choices": choices})
+        if FakeCompletions.ignores_n:  # like llama.cpp's server: one choice whatever n asks, its text from the seed
+            return self._send({"choices": [{"index": 0, "text": f"sample {req['seed']}"}]})
         if "structured_outputs" in req:
             texts = [req["structured_outputs"]["choice"][i % 2] for i in range(req["n"])]
         else:
@@ -466,7 +478,7 @@ class FakeCompletions(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_server(monkeypatch):
-    FakeCompletions.requests = []
+    FakeCompletions.requests, FakeCompletions.ignores_n = [], False
     with serve_http(FakeCompletions) as server:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
         monkeypatch.setenv("OPENAI_BASE_URL", url)
@@ -481,6 +493,20 @@ def test_openai_map_mode_parses_n_choices(fake_server):
     req = FakeCompletions.requests[-1]
     assert (req["n"], req["max_tokens"], req["temperature"], req["top_p"], req["top_k"]) == (5, 10, 1.0, 1.0, 50)
     assert req["model"] == "fake-model" and req["seed"] == query_seed(0, "Action:", TOMATO_ACTIONS)
+
+
+def test_openai_server_that_ignores_n_is_asked_once_per_missing_sample(fake_server):
+    """llama.cpp's server returns one choice whatever n is: the other k - 1 come from one request each, with seeds
+    drawn from the query's (not seed + j, which the next query's seed could share), so the seed alone decides."""
+    FakeCompletions.ignores_n = True
+    backend = backends.OpenAIBackend("")
+    samples = backend.sample("Action:", 3, 40)
+    seeds = [r["seed"] for r in FakeCompletions.requests[1:]]  # the first asks n = 3 with the query's seed
+    assert samples == ["sample 40"] + [f"sample {s}" for s in seeds] and len(set(seeds) | {40, 41, 42}) == 5
+    assert [r["n"] for r in FakeCompletions.requests] == [3, 1, 1] and FakeCompletions.requests[0]["seed"] == 40
+    assert backend.sample("Action:", 3, 40) == samples  # the seed alone decides
+    with pytest.raises(ServerError, match="llama-cpp-python's server, whose prompt logprobs are one token off"):
+        backend.score("Action:", ["look"])  # it lists its models as owned by "me"
 
 
 def test_openai_dist_and_constrained(fake_server):
@@ -607,6 +633,44 @@ def test_vllm_backend_glue_against_a_stand_in_engine(tiny_lm_dir, stand_in_vllm)
 
 
 # ---- the real embedded model ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_openai_backend_against_llamacpp_server(monkeypatch):
+    """The openai backend against a real llama.cpp server (llama-cpp-python's) serving the embedded SmolLM2 GGUF:
+    map sampling gives k texts (the server ignores n) that the seed reproduces, and proposals end to end; dist is
+    refused in one line, because the server's echo logprobs are one token off (checked here against the library's
+    own logits, so that this test fails, and the refusal can go, once a release fixes it)."""
+    for module in ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings"):
+        pytest.importorskip(module, reason='llama.cpp\'s server needs `pip install "llama-cpp-python[server]"`')
+    prompt = build_prompt("overcooked-tomato", TOMATO_TASK, TOMATO_START, TOMATO_ACTIONS, [])
+    with backends.serve_llamacpp("smollm2") as url:
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+        server = backends.OpenAIBackend(None)
+        samples = server.sample(prompt, 3, 7)
+        assert len(samples) == 3 and server.sample(prompt, 3, 7) == samples and server.sample(prompt, 3, 8) != samples
+        with pytest.raises(ServerError, match="prompt logprobs are one token off"):
+            server.score(prompt, TOMATO_ACTIONS)
+        # map mode with the authors' rule for a sample that names no action (the last action): no scoring.
+        prior = LLMPrior(PriorArgs(backend="openai", model="", mode="map", cache="off"), 0, CPU, authors_code=True)
+        proposals = prior.propose(prompt, TOMATO_ACTIONS, 5)
+        assert len(proposals) == 5 and set(proposals) <= set(TOMATO_ACTIONS)
+
+    import llama_cpp
+
+    from llmprior.models import gguf_file
+
+    llm = llama_cpp.Llama(model_path=str(gguf_file("smollm2")), logits_all=True, n_ctx=256, n_threads=1, verbose=False)
+    text = "The capital of France is Paris"
+    echoed = llm.create_completion(text, echo=True, logprobs=1, max_tokens=1)["choices"][0]["logprobs"]
+    ids = llm.tokenize(text.encode(), add_bos=False)
+    llm.reset()
+    llm.eval(ids)
+    logp = torch.log_softmax(torch.tensor(np.array(llm.scores[: len(ids)])).double(), -1)
+    right = [logp[i - 1, ids[i]].item() for i in range(1, len(ids))]  # token i given tokens < i
+    shifted = [logp[i, ids[i]].item() for i in range(1, len(ids))]  # given tokens <= i: what the server returns
+    got = echoed["token_logprobs"][1 : len(ids)]
+    assert np.abs(np.array(got) - shifted).max() < 1e-3 and np.abs(np.array(got) - right).max() > 1.0
+
+
 @pytest.mark.slow
 def test_gemma_dist_on_tomato_start_and_converted_cache(monkeypatch):
     prior = LLMPrior(PriorArgs(cache="off"), 0, CPU)  # converts the GGUF on a first run
