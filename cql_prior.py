@@ -243,8 +243,8 @@ def train(args: Args) -> dict:
           f"{args.dataset} keeps no expert actions, which --exact-prior with the synthetic prior needs: build it with "
           "--prior.backend synthetic (this version of build_dataset.py stores them)")  # fmt: skip
     check(not synthetic or all(r["proposals"] is not None for r in records),
-          f"{args.dataset} stores no proposals, and the synthetic prior needs the expert's action at each state, which "
-          "a dataset does not keep: build it with --prior.backend synthetic")  # fmt: skip
+          f"{args.dataset} stores no proposals, and the synthetic prior's come from the expert's action at each state, "
+          "which only a dataset built with --prior.backend synthetic keeps: build it so")  # fmt: skip
     alfworld = env_id.startswith("alfworld")
     eval_envs = {"eval": make_env(env_id, expert=synthetic)}
     if alfworld:

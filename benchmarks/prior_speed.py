@@ -18,7 +18,7 @@ measured default), first state excluded.
     OMP_NUM_THREADS=2 python benchmarks/prior_speed.py --envs alfworld-pick --states 10
     OMP_NUM_THREADS=1 python benchmarks/prior_speed.py --modes dist map --llamacpp   # and llama.cpp's server
 
-Writes results/prior_speed.csv (a row per env, model and thread count; rows of other selections are kept).
+Writes results/prior_speed.csv (a row per env, model, thread count and backend; rows of other selections are kept).
 """
 
 import os
@@ -105,10 +105,17 @@ def llamacpp_row(model: str, env_id: str, states, threads: int) -> dict:
     dist scoring is refused: llama-cpp-python's echo logprobs are one token off)."""
     from llmprior.backends import OpenAIBackend, serve_llamacpp
 
+    before = os.environ.get("OPENAI_BASE_URL")
     with serve_llamacpp(model, threads=threads) as url:
-        os.environ["OPENAI_BASE_URL"] = url
-        server = OpenAIBackend(None)
-        t_map = [timed(server.sample, prompt, 5, i)[0] for i, (prompt, _) in enumerate(states)][1:]
+        os.environ["OPENAI_BASE_URL"] = url  # where OpenAIBackend looks
+        try:
+            server = OpenAIBackend(None)
+            t_map = [timed(server.sample, prompt, 5, i)[0] for i, (prompt, _) in enumerate(states)][1:]
+        finally:
+            if before is None:
+                del os.environ["OPENAI_BASE_URL"]
+            else:
+                os.environ["OPENAI_BASE_URL"] = before
     return {"env": env_id, "model": model, "threads": threads, "backend": "llamacpp", "states": len(states) - 1,
             "actions_per_state": round(float(np.mean([len(a) for _, a in states[1:]])), 1),
             "map_s": round(float(np.mean(t_map)), 3)}  # fmt: skip

@@ -487,7 +487,7 @@ class OpenAIBackend:
 def serve_llamacpp(model: str, threads: int = 1, n_ctx: int = 2048, startup_s: float = 300.0):
     """Serve a GGUF model (`gemma`, `smollm2` or a .gguf path) with llama-cpp-python's OpenAI-compatible server on a
     free local port for the `openai` backend; yields its base URL (what $OPENAI_BASE_URL takes) and stops the server
-    on exit. Needs `pip install "llama-cpp-python[server]"` (compiles llama.cpp, ~10 min once). By hand it is
+    on exit. Needs `pip install "llama-cpp-python[server]"` (compiles llama.cpp once). By hand it is
     `python -m llama_cpp.server --model $(python -m llmprior.models gemma) --n_threads 1`."""
     import importlib.util
     import socket
