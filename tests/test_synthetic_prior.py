@@ -107,7 +107,7 @@ def test_build_dataset_and_cql_prior_with_a_perfect_prior(tmp_path):
     bare = tmp_path / "bare.jsonl"
     run_script("build_dataset.py", "--transitions", "30", "--out", str(bare), "--k", "0")
     refused = run_script("cql_prior.py", *common, "--dataset", str(bare), "--allow-mismatch", *SYNTH, check=False)
-    assert refused.returncode != 0 and "build it with --prior.backend synthetic" in refused.stderr
+    assert refused.returncode != 0 and "only a dataset built with --prior.backend synthetic" in refused.stderr
     no_expert = run_script("cql_prior.py", *common, "--dataset", str(bare), *SYNTH, "--exact-prior", check=False)
     assert no_expert.returncode != 0 and "keeps no expert actions" in no_expert.stderr
 
