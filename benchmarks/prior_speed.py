@@ -5,10 +5,13 @@ Along noisy expert episodes of each env (the scripts' prompts, the env's default
 - `floor_head`: the prompt's forward, then the LM head (over vocabulary chunks, as the tree runs it) at as many
   positions as the actions' token trie scores: the arithmetic any exact scoring of these actions must do;
 - `tree`: llmprior's `TransformersBackend.score` (the prompt and the actions' token trie in one forward under a tree
-  attention mask, the LM head only at the prompt's end and the nodes whose next token is scored);
+  attention mask, the LM head only at the prompt's end and the nodes whose next token is scored), as the scripts run
+  it: the keys and values of a prompt prefix that an earlier state of the run shares are reused (`reused` is the
+  fraction of prompt tokens that did not run), so it can be faster than `floor`;
+- `whole`: the same with that reuse off (every prompt token runs);
 - `padded`: the previous implementation, the backend's fallback: every action in one padded batch against the
   prompt's cache, the LM head at every position;
-and checks that tree and padded give the same scores. `map` sampling (k = 5 free-form samples of 10 tokens) is timed
+and checks that whole, padded and tree give the same scores. `map` sampling (k = 5 free-form samples of 10 tokens) is timed
 with --modes map. With --llamacpp, `map` sampling is timed through the `openai` backend too, against llama.cpp's
 OpenAI-compatible server serving the same GGUF file with as many threads (`pip install "llama-cpp-python[server]"`;
 its `dist` scoring is refused, see `OpenAIBackend`). Wall-clock with OMP_NUM_THREADS threads (set it; 1 is the
@@ -145,29 +148,40 @@ def main(argv=None) -> int:
         backend = TransformersBackend(model, torch.device("cpu"))
         for env_id in envs_:
             states = states_of(env_id, n + 1)
-            times: dict[str, list[float]] = {"floor": [], "floor_head": [], "tree": [], "padded": [], "map": []}
-            worst = 0.0
+            times: dict[str, list[float]] = {"floor": [], "floor_head": [], "tree": [], "whole": [], "padded": [],
+                                             "map": []}  # fmt: skip
+            worst, worst_reuse, budget = 0.0, 0.0, backend.prefix_budget
+            backend._prefixes.clear()  # each env starts as a run does
             for i, (prompt, actions) in enumerate(states):
                 t_floor, _ = timed(floor, backend, prompt)
                 t_floor_head, _ = timed(floor_head, backend, prompt, scored_rows(backend, prompt, actions))
+                backend.prefix_budget = 0
+                t_whole, (whole, _) = timed(backend.score, prompt, actions)
+                backend.prefix_budget = budget
+                if i == 1:  # the first state warms up
+                    backend.prefix_tokens_reused = backend.prompt_tokens_scored = 0
                 t_tree, (tree, _) = timed(backend.score, prompt, actions)
                 t_padded, padded = timed(padded_scores, backend, prompt, actions)
-                worst = max(worst, float(np.abs(tree - padded).max()))
+                worst = max(worst, float(np.abs(whole - padded).max()))
+                worst_reuse = max(worst_reuse, float(np.abs(tree - whole).max()))
                 t_map = timed(backend.sample, prompt, 5, i)[0] if "map" in args.modes else None
-                if i:  # the first state warms up
+                if i:
                     for name, t in (("floor", t_floor), ("floor_head", t_floor_head), ("tree", t_tree),
-                                    ("padded", t_padded), ("map", t_map)):
+                                    ("whole", t_whole), ("padded", t_padded), ("map", t_map)):
                         if t is not None:
                             times[name].append(t)
             mean = {name: float(np.mean(t)) if t else None for name, t in times.items()}
             rows.append({"env": env_id, "model": model, "threads": threads, "backend": "transformers", "states": n,
                          "actions_per_state": round(float(np.mean([len(a) for _, a in states[1:]])), 1),
                          "floor_s": round(mean["floor"], 3), "floor_head_s": round(mean["floor_head"], 3),
-                         "dist_s": round(mean["tree"], 3), "dist_padded_s": round(mean["padded"], 3),
+                         "dist_s": round(mean["tree"], 3), "dist_whole_s": round(mean["whole"], 3),
+                         "dist_padded_s": round(mean["padded"], 3),
+                         "reused": round(backend.prefix_tokens_reused / max(backend.prompt_tokens_scored, 1), 3),
                          "tree_over_floor": round(mean["tree"] / mean["floor"], 2),
                          "tree_over_floor_head": round(mean["tree"] / mean["floor_head"], 2),
                          "map_s": None if mean["map"] is None else round(mean["map"], 3),
-                         "max_score_difference": worst, "commit": commit, "command": command})  # fmt: skip
+                         "max_score_difference": worst, "reuse_score_difference": worst_reuse, "commit": commit,
+                         "command": command})  # fmt: skip
             print(" ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
             if args.llamacpp:
                 rows.append(llamacpp_row(model, env_id, states, threads) | {"commit": commit, "command": command})
@@ -176,8 +190,8 @@ def main(argv=None) -> int:
     rows = merge_rows(path, rows, KEY, {_key(r, KEY) for r in rows})
     write_csv(rows, path)
     print(markdown_table(rows, ["env", "model", "threads", "backend", "actions_per_state", "floor_s", "floor_head_s",
-                                "dist_s", "dist_padded_s", "tree_over_floor", "tree_over_floor_head", "map_s",
-                                "max_score_difference"]))  # fmt: skip
+                                "dist_s", "dist_whole_s", "reused", "dist_padded_s", "tree_over_floor",
+                                "tree_over_floor_head", "map_s", "max_score_difference", "reuse_score_difference"]))
     return 0
 
 

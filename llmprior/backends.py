@@ -67,6 +67,9 @@ def continuation_ids(tokenizer, prompt: str, action: str) -> tuple[list[int], li
 class TransformersBackend:
     SCORE_CHUNK = 64  # actions per forward: bounds the padded path's logits (rows x positions x 262k on Gemma)
     HEAD_CHUNK = 1024  # vocabulary rows of the LM head per matrix product on a CPU (`_log_probs`)
+    # Key/value caches of recent prompts kept for the next one that starts the same way (`_reuse`): at most this many
+    # MB (~7,000 tokens of Gemma-3-270M in float32); $LLMPRIOR_PREFIX_CACHE_MB overrides it, 0 turns reuse off.
+    PREFIX_CACHE_MB = 256
 
     def __init__(self, model: str, device, dtype: Optional[str] = None) -> None:
         import torch
@@ -90,6 +93,9 @@ class TransformersBackend:
             bos_token_id=tok.bos_token_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id
         )
         self.numerics = f"{self.device.type}:{str(self.dtype).replace('torch.', '')}"
+        self.prefix_budget = int(float(os.environ.get("LLMPRIOR_PREFIX_CACHE_MB", self.PREFIX_CACHE_MB)) * 2**20)
+        self._prefixes: list[tuple[list[int], list]] = []  # (prompt ids, per layer (keys, values)), oldest first
+        self.prefix_tokens_reused = self.prompt_tokens_scored = 0
 
     def _generate(self, prompt: str, k: int, seed: int, max_new_tokens: int, **kwargs):
         from transformers import GenerationConfig
@@ -182,21 +188,27 @@ class TransformersBackend:
                 allowed[position[n], position[m]] = True
                 m = parent[m]
         positions = torch.tensor(list(range(prompt_len)) + [prompt_len + depth[n] - 1 for n in fed])
+        reused, cache = self._reuse(prompt_ids)  # the first `reused` positions come from that cache: no query row
+        allowed = allowed[reused:]
         mask = self._additive(allowed)
         config = self.model.config
         if getattr(config, "layer_types", None):  # one mask per layer type
             window = getattr(config, "sliding_window", None)
             masks = {"full_attention": mask}
             if window:
-                near = positions[:, None] - positions[None, :] < window
+                near = positions[reused:, None] - positions[None, :] < window
                 masks["sliding_attention"] = self._additive(allowed & near)
             mask = {t: masks.get(t, mask) for t in set(config.layer_types)}
-        hidden = self.model.model(
-            input_ids=torch.tensor([prompt_ids + [token[n] for n in fed]], device=self.device),
+        out = self.model.model(
+            input_ids=torch.tensor([prompt_ids[reused:] + [token[n] for n in fed]], device=self.device),
             attention_mask=mask,
-            position_ids=positions[None].to(self.device),
-            use_cache=False,
-        ).last_hidden_state[0, prompt_len - 1 :]  # the prompt's end, then the fed nodes
+            position_ids=positions[None, reused:].to(self.device),
+            cache=cache,
+            use_cache=cache is not None,
+        )
+        hidden = out.last_hidden_state[0, prompt_len - 1 - reused :]  # the prompt's end, then the fed nodes
+        if cache is not None:
+            self._keep(prompt_ids, out.cache)
         # Each child's token is scored at its parent's position.
         pairs = [(p, c) for p in [0, *fed] for c in children[p].values()]
         step = self._log_probs(hidden, [position[p] - prompt_len + 1 for p, _ in pairs], [token[c] for _, c in pairs])
@@ -206,6 +218,44 @@ class TransformersBackend:
             for c in children[n].values():
                 logp[c] += logp[n]
         return logp[ends].numpy()
+
+    def _reuse(self, prompt_ids: list[int]):
+        """(n, cache): a fresh key/value cache holding the first n prompt positions, copied from the kept prompt that
+        shares the longest prefix with this one (n = 0: an empty cache; None: reuse is off). Prompts of one episode
+        and of episodes through the same states share their task and history lines: ~30% of the main command's
+        prompt tokens at the default budget. The rows computed after a reused prefix differ from one whole forward's
+        by float32 rounding (tests/test_prior.py)."""
+        if self.prefix_budget <= 0:
+            return 0, None
+        from transformers import DynamicCache
+
+        best, reused = None, 0
+        for entry in self._prefixes:
+            n = len(os.path.commonprefix([entry[0], prompt_ids]))
+            if n > reused:
+                best, reused = entry, n
+        reused = min(reused, len(prompt_ids) - 1)  # the prompt's last position runs: its hidden state is scored
+        self.prefix_tokens_reused += reused
+        self.prompt_tokens_scored += len(prompt_ids)
+        cache = DynamicCache()
+        if reused > 0:
+            self._prefixes.remove(best)
+            self._prefixes.append(best)  # most recently used last
+            for layer, (keys, values) in enumerate(best[1]):
+                cache.update(keys[:, :, :reused], values[:, :, :reused], layer)
+        return reused, cache
+
+    def _keep(self, prompt_ids: list[int], cache) -> None:
+        """Keep the prompt's keys and values (not the trie's) for later prompts, dropping a kept prompt this one
+        extends and the least recently used ones beyond the budget."""
+        layers = [(layer.keys[:, :, : len(prompt_ids)].clone(), layer.values[:, :, : len(prompt_ids)].clone())
+                  for layer in cache.layers]  # fmt: skip
+        self._prefixes = [e for e in self._prefixes if e[0] != prompt_ids[: len(e[0])]]
+        self._prefixes.append((prompt_ids, layers))
+        size = lambda e: sum(k.nbytes + v.nbytes for k, v in e[1])  # noqa: E731
+        total = sum(map(size, self._prefixes))
+        while total > self.prefix_budget and self._prefixes:
+            total -= size(self._prefixes.pop(0))
 
     def _log_probs(self, hidden, rows: list[int], tokens: list[int]):
         """log softmax(LM head(hidden[r]))[t] for each (r, t) of rows x tokens, the logits' normaliser computed

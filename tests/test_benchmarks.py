@@ -259,14 +259,18 @@ def test_smoke_prior_quality(smoke):
 
 
 def test_smoke_prior_speed(smoke):
-    """Seconds per state of the tree scoring next to the floor and the padded reference, whose scores it matches."""
+    """Seconds per state of the tree scoring (with and without reusing an earlier state's prompt prefix) next to the
+    floor and the padded reference, whose scores it matches."""
     assert prior_speed.main(["--budget", "smoke", *smoke["dirs"], "--models", smoke["lm"], "--modes", "dist",
                              "map"]) == 0  # fmt: skip
     (row,) = read_rows(smoke, "prior_speed_smoke")
     assert row["env"] == "overcooked-tomato" and row["backend"] == "transformers" and int(row["states"]) == 3
     assert float(row["actions_per_state"]) == 5
-    assert all(float(row[c]) > 0 for c in ("floor_s", "floor_head_s", "dist_s", "dist_padded_s", "map_s"))
-    assert float(row["max_score_difference"]) < 1e-4 and row["command"].startswith("OMP_NUM_THREADS=")
+    assert all(float(row[c]) > 0 for c in ("floor_s", "floor_head_s", "dist_s", "dist_whole_s", "dist_padded_s",
+                                           "map_s"))  # fmt: skip
+    assert 0 < float(row["reused"]) < 1  # the states of one episode share the task and history lines
+    assert float(row["max_score_difference"]) < 1e-4 and float(row["reuse_score_difference"]) < 1e-4
+    assert row["command"].startswith("OMP_NUM_THREADS=")
 
 
 def test_prior_speed_floor_counts_the_rows_the_tree_scores(smoke, monkeypatch):

@@ -261,6 +261,37 @@ def test_tree_and_padded_scoring_both_match_slow_reference(tiny_model, kind, mon
     assert used[-1] == "_padded_logps"
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3-sliding"])
+def test_a_prompt_reuses_the_kept_prefix_of_an_earlier_one(tiny_model, kind):
+    """Prompts that start like an earlier one (the task, the history of an episode) run only their new tokens against
+    a copy of its kept keys and values: the same scores as one whole forward, to float32 rounding, with the reused
+    token count what the prompts share; the kept caches stay within the budget."""
+    prior = make_prior(tiny_model(kind, CORPUS, vocab_size=400, max_position_embeddings=1024), mode="dist")
+    backend = prior.backend
+    history = [(TOMATO_START, "pick up the tomato"), (TOMATO_START, "take the bowl")]
+    prompts = [build_prompt("overcooked-tomato", TOMATO_TASK, TOMATO_START, TOMATO_ACTIONS, history[:n])
+               for n in range(3)]  # fmt: skip
+    prompts.append(build_prompt("overcooked-tomato", TOMATO_TASK, "Currently you are carrying a bowl.", TOMATO_ACTIONS,
+                                history[:1]))  # shares the task and the first history line with the second prompt
+    prompts += prompts[:2] + [prompts[1] + " Action:"]  # seen before (all but the last token reused), extended
+    ids = [backend.tokenizer(p).input_ids for p in prompts]
+    backend.prefix_budget = 0  # one whole forward per prompt
+    whole = [backend.score(p, TOMATO_ACTIONS + CABINETS)[0] for p in prompts]
+    assert backend.prefix_tokens_reused == 0 and not backend._prefixes
+    backend.prefix_budget = 2**30
+    reused = [backend.score(p, TOMATO_ACTIONS + CABINETS)[0] for p in prompts]
+    np.testing.assert_allclose(reused, whole, atol=1e-5, rtol=0)
+    shared = [max([len(os.path.commonprefix([x, y])) for y in ids[:i]] or [0]) for i, x in enumerate(ids)]
+    expected = sum(min(n, len(x) - 1) for n, x in zip(shared, ids))
+    assert expected > sum(map(len, ids)) // 2 and backend.prefix_tokens_reused == expected
+    # one entry per prompt, the most recently used last; a kept prompt that a later one extends is dropped
+    assert [e[0] for e in backend._prefixes] == [ids[2], ids[3], ids[0], ids[6]]
+    # a budget of one prompt keeps one
+    one = sum(k.nbytes + v.nbytes for k, v in backend._prefixes[-1][1])
+    backend.prefix_budget = one
+    backend.score(prompts[1], TOMATO_ACTIONS)
+    assert [e[0] for e in backend._prefixes] == [ids[1]]
+
 def test_dist_temperature_flattens_the_proposal_distribution(tiny_lm_dir):
     """dist samples from softmax(log p(a|s) / T): T = 1 is the LLM's distribution, large T nearly uniform."""
     scores = make_prior(tiny_lm_dir).backend.score(PROMPT, TOMATO_ACTIONS)[0]
