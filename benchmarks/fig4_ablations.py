@@ -16,7 +16,7 @@ and success, mean ± standard error over seeds, per ablation value. `python benc
     python benchmarks/fig4_ablations.py --budget paper -- --prior.model Qwen/Qwen1.5-7B --prior.backend vllm
 
 Budgets:
-    smoke  each ablation at two values, overcooked-tomato, seed 1, 24 env steps
+    smoke  each ablation at one value (the KL at two: 0 and 0.001), overcooked-tomato, seed 1, 24 env steps
     small  4d, dqn_k and gradient_steps on overcooked-tomato (1000 steps, seeds 1 2 3); 4b and 4c on frozenlake
            (1024 steps, seed 1; a PPO update of the LM policy takes 20-45 s on this CPU)
     paper  all values, overcooked-tomato, seeds 1 2 3; 6000 steps (DQN-Prior), 20000 (GFlan-Prior)
@@ -40,7 +40,8 @@ ABLATIONS = {  # name -> (script, flag, values, fixed arguments)
 SMOKE_ARGS = {"gflan_prior.py": ["--num-envs", "2", "--num-steps", "12", "--num-minibatches", "2", "--update-epochs",
                                  "1"], "dqn_prior.py": ["--learning-starts", "8"]}  # fmt: skip
 BUDGET = {  # ablation -> (env, values, seeds, env steps, eval every, eval episodes)
-    "smoke": {a: ("overcooked-tomato", v[2][:2], [1], 24, 24, 1) for a, v in ABLATIONS.items()},
+    # smoke: one value per ablation, two for the KL (0 is GFlan, the script without a prior)
+    "smoke": {a: ("overcooked-tomato", v[2][: 2 if a == "kl" else 1], [1], 24, 24, 1) for a, v in ABLATIONS.items()},
     "small": {**{a: ("overcooked-tomato", ABLATIONS[a][2], [1, 2, 3], 1000, 100, 1)
                  for a in ("alpha", "dqn_k", "gradient_steps")},
               "k": ("frozenlake", [1, 5], [1], 1024, 256, 3),

@@ -1,8 +1,15 @@
 """Fixtures shared by the test files; plain helper functions are in helpers.py."""
 
-import pytest
+import os
 
-from helpers import make_tiny_model
+# pytest.ini runs the tests in two processes (pytest-xdist, a test file per process): one thread each, for torch here
+# and for the scripts the tests start, so that the two share the cores instead of fighting over them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+from helpers import make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
