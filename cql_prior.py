@@ -119,9 +119,10 @@ class Args:
     exact_prior: bool = False
     """if toggled, C(s) is every admissible action the prior supports, weighted by p(a|s), instead of k draws from p
     (their k → ∞ limit; `dist` mode, where the prior is a distribution): the penalty log Σ_a p(a|s)·exp Q(s,a), the
-    Bellman max over p's support, evaluation ∝ p(a|s)·exp(Q/α). Experimental: with an uninformative prior it is CQL
-    (the penalty shifted by a constant), so a weak prior cannot lock the agent out, but with a fair one it does much
-    worse than the k draws (measured in docs/cql_prior.md)"""
+    target the soft value α·log Σ_a' p(a'|s')·exp(Q(s',a')/α) of the policy the evaluation runs, ∝ p(a|s)·exp(Q/α)
+    (α = --eval-alpha; at 0 the max over p's support). Experimental: with the embedded prior on Salad it matches CQL
+    (with --eval-alpha 0.3 --loss-reduction mean), but with a synthetic prior of Q = 0.5 it fails where the k draws
+    succeed (docs/cql_prior.md)"""
     bootstrap_time_limit: bool = False
     """if toggled, a transition cut by the episode cap bootstraps from s' (the textbook treatment of a time limit); by
     default it ends the TD target, as the authors' code"""
@@ -164,6 +165,17 @@ def td_target(rewards: torch.Tensor, dones: torch.Tensor, next_q: torch.Tensor, 
     masked = next_q.masked_fill(~next_mask, float("-inf")).max(dim=1).values
     next_max = torch.where(next_mask.any(dim=1), masked, torch.zeros_like(masked))
     return rewards + gamma * (1.0 - dones) * next_max
+
+
+def soft_td_target(rewards: torch.Tensor, dones: torch.Tensor, next_q: torch.Tensor, next_mask: torch.Tensor,
+                   next_log_weights: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:  # fmt: skip
+    """--exact-prior: y = r + γ(1 − done)·α·log Σ_{a'} p(a'|s')·exp(Q_target(s',a')/α), the value at s' of the
+    policy ∝ p·exp(Q/α) (KL-regularised RL's soft Bellman backup; `next_log_weights` [B, K] = log p(a'|s')). It tends
+    to td_target's max over p's support as α → 0. A row with no candidate bootstraps 0."""
+    logits = (next_q / alpha + next_log_weights).masked_fill(~next_mask, float("-inf"))
+    has_set = next_mask.any(dim=1)
+    value = alpha * torch.logsumexp(logits.masked_fill(~has_set.unsqueeze(1), 0.0), dim=1)
+    return rewards + gamma * (1.0 - dones) * torch.where(has_set, value, torch.zeros_like(value))
 
 
 def td_loss(q_sa: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -278,7 +290,7 @@ def train(args: Args) -> dict:
     fill_start, queries = time.time(), prior.queries if prior else 0
     cands, next_cands, log_weights = candidate_sets(records, agent, use_stored=args.k > 0 and not args.exact_prior,
                                                     rng=rng)  # fmt: skip
-    data = OfflineData(env_id, records, cands, next_cands, encoder, args.bootstrap_time_limit, log_weights)
+    data = OfflineData(env_id, records, cands, next_cands, encoder, args.bootstrap_time_limit, *log_weights)
     queries = (prior.queries if prior else 0) - queries
     coverage = float(data.data_in_set.mean())
     print(f"{len(records)} transitions from {args.dataset} ({env_id}, prior {header['prior']}, k {header['k']}); "
@@ -333,7 +345,11 @@ def train(args: Args) -> dict:
         batch = {key: torch.as_tensor(value, device=device) for key, value in data.sample(args.batch_size, rng).items()}
         with torch.no_grad():
             next_q = target_network(encoder.table[batch["next_sa"]])
-            target = td_target(batch["rewards"], batch["dones"], next_q, batch["next_mask"], args.gamma)
+            if args.exact_prior and eval_alpha > 0:  # the soft value of the policy the evaluation runs
+                target = soft_td_target(batch["rewards"], batch["dones"], next_q, batch["next_mask"],
+                                        batch["next_log_weights"], args.gamma, eval_alpha)  # fmt: skip
+            else:
+                target = td_target(batch["rewards"], batch["dones"], next_q, batch["next_mask"], args.gamma)
         q_sa = q_network(encoder.table[batch["sa"]])
         cand_q = q_network(encoder.table[batch["cand"]])
         # --exact-prior: the k → ∞ limit, in which one added data action weighs nothing
@@ -634,18 +650,19 @@ def evaluate(agent: Agent, env, episodes: int, alpha: float, stop=None, name: st
 
 # ---------------- Offline data ----------------
 def candidate_sets(records: list[dict], agent: Agent, use_stored: bool,
-                   rng: np.random.Generator) -> tuple[list[list[str]], list[list[str]], Optional[list[np.ndarray]]]:
+                   rng: np.random.Generator) -> tuple[list[list[str]], list[list[str]], tuple]:
     """C(s) and C(s') of every transition: the stored proposals where `use_stored` and present, otherwise the agent's
     (the prior's k proposals from its cache or the LLM; every admissible action for k = 0; for an `exact` agent the
-    actions p supports, and their log p(a|s), the third list, else None). The prompt's history is the episode's
-    earlier (observation, action) pairs, rebuilt from the dataset, so that a filled set is what the collecting agent
-    would have been proposed. After termination C(s') is empty."""
+    actions p supports, and their log p(a|s) and log p(a'|s'), the third element, else (None, None)). The prompt's
+    history is the episode's earlier (observation, action) pairs, rebuilt from the dataset, so that a filled set is
+    what the collecting agent would have been proposed. After termination C(s') is empty."""
     by_episode: dict[int, list[int]] = {}
     for i, r in enumerate(records):
         by_episode.setdefault(r["episode"], []).append(i)
     cands: list[list[str]] = [[] for _ in records]
     next_cands: list[list[str]] = [[] for _ in records]
     log_weights: Optional[list[np.ndarray]] = [np.zeros(0) for _ in records] if agent.exact else None
+    next_log_weights: Optional[list[np.ndarray]] = [np.zeros(0) for _ in records] if agent.exact else None
     for indices in by_episode.values():
         indices.sort(key=lambda i: records[i]["step"])
         history: list[tuple[str, str]] = []
@@ -664,9 +681,12 @@ def candidate_sets(records: list[dict], agent: Agent, use_stored: bool,
             stored = r["next_proposals"] if use_stored else None
             next_info = {"admissible_actions": r["next_admissible"], "task": r["task"],
                          "expert_action": r.get("next_expert")}  # fmt: skip
-            next_cands[i] = list(stored) if stored is not None else agent.candidates(r["next_obs"], next_info, history,
-                                                                                     rng)  # fmt: skip
-    return cands, next_cands, log_weights
+            if next_log_weights is not None:
+                next_cands[i], next_log_weights[i] = agent.support(r["next_obs"], next_info, history)
+            else:
+                next_cands[i] = list(stored) if stored is not None else agent.candidates(r["next_obs"], next_info,
+                                                                                         history, rng)  # fmt: skip
+    return cands, next_cands, (log_weights, next_log_weights)
 
 
 class OfflineData:
@@ -674,8 +694,8 @@ class OfflineData:
     done. Sampled uniformly with replacement."""
 
     def __init__(self, env_id: str, records: list[dict], cands: list[list[str]], next_cands: list[list[str]],
-                 encoder, bootstrap_time_limit: bool = False,
-                 log_weights: Optional[list[np.ndarray]] = None):  # fmt: skip
+                 encoder, bootstrap_time_limit: bool = False, log_weights: Optional[list[np.ndarray]] = None,
+                 next_log_weights: Optional[list[np.ndarray]] = None):  # fmt: skip
         from llmprior.prompts import feature_text
 
         n = len(records)
@@ -692,6 +712,7 @@ class OfflineData:
         self.cand_log_weights = np.zeros((n, width), dtype=np.float32)  # log p(a|s) of C(s) under --exact-prior
         self.next_sa = np.zeros((n, width), dtype=np.int64)
         self.next_mask = np.zeros((n, width), dtype=bool)
+        self.next_log_weights = np.zeros((n, width), dtype=np.float32)  # log p(a'|s') of C(s') under --exact-prior
         self.rewards = np.array([r["reward"] for r in records], dtype=np.float32)
         # what ends the TD target: a termination, and the episode cap unless bootstrap_time_limit (see Args)
         self.dones = np.array([r["terminated"] or (r["truncated"] and not bootstrap_time_limit) for r in records],
@@ -703,6 +724,8 @@ class OfflineData:
             if log_weights is not None:
                 self.cand_log_weights[i, : len(c)] = log_weights[i]
             self.next_sa[i, : len(nc)], self.next_mask[i, : len(nc)] = [next(ids) for _ in nc], True
+            if next_log_weights is not None:
+                self.next_log_weights[i, : len(nc)] = next_log_weights[i]
         self.size = n
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -710,7 +733,8 @@ class OfflineData:
         return {"sa": self.sa[idx], "cand": self.cand[idx], "cand_mask": self.cand_mask[idx],
                 "cand_log_weights": self.cand_log_weights[idx],
                 "data_in_set": self.data_in_set[idx], "rewards": self.rewards[idx], "dones": self.dones[idx],
-                "next_sa": self.next_sa[idx], "next_mask": self.next_mask[idx]}  # fmt: skip
+                "next_sa": self.next_sa[idx], "next_mask": self.next_mask[idx],
+                "next_log_weights": self.next_log_weights[idx]}  # fmt: skip
 
 
 # The prior settings that change a state's proposals, beyond the prior's identity (backend, model, mode).

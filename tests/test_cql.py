@@ -62,6 +62,24 @@ def test_exact_prior_loss_weighs_each_action_by_its_probability():
     assert torch.allclose(grad_exact, grad_plain)
 
 
+def test_soft_target_is_the_prior_weighted_soft_maximum():
+    """--exact-prior's target: y = r + γ(1 − done)·α·log Σ p(a'|s')·exp(Q(s',a')/α), hand-computed; a row without
+    candidates and a terminal row bootstrap 0; as α → 0 it is td_target's max over p's support."""
+    from cql_prior import soft_td_target, td_target
+
+    next_q = torch.tensor([[1.0, 2.0, 5.0, 0.0], [0.0, 3.0, -1.0, -9.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, False], [False] * 4, [True] * 4])
+    p = [[0.5, 0.25, 0.25], [0.2, 0.3, 0.5], [], [0.25] * 4]
+    log_p = torch.tensor([[math.log(x) for x in row] + [0.0] * (4 - len(row)) for row in p])
+    rewards, dones = torch.tensor([0.1, 0.0, 0.5, 0.2]), torch.tensor([0.0, 0.0, 0.0, 1.0])
+    y = soft_td_target(rewards, dones, next_q, mask, log_p, gamma=0.9, alpha=0.5)
+    soft = [0.5 * math.log(sum(w * math.exp(q / 0.5) for w, q in zip(row, qs))) for row, qs in zip(p[:2], next_q)]
+    assert y.tolist() == pytest.approx([0.1 + 0.9 * soft[0], 0.9 * soft[1], 0.5, 0.2])
+    hard = td_target(rewards, dones, next_q, mask, gamma=0.9)
+    assert soft_td_target(rewards, dones, next_q, mask, log_p, 0.9, 1e-4).tolist() == pytest.approx(hard.tolist(),
+                                                                                                     abs=1e-3)
+
+
 def test_plain_cql_loss_takes_every_admissible_action():
     loss, td, penalty = cql_loss(Q_SA, TARGET, torch.tensor(Q_ALL), torch.tensor(MASK_ALL), beta=5.0, reduction="mean")
     expected_penalty = ((lse(1, 2, 5, 0) - 1) + (lse(0, 3, -1) - 0)) / 2  # the padded -9 is not an action

@@ -114,7 +114,7 @@ def test_stored_proposals_need_no_llm_query():
     prior = CountingPrior()
     agent = Agent("overcooked-salad", 2, prior, None, None, 1)
     cands, next_cands, weights = candidate_sets(records(), agent, use_stored=True, rng=None)
-    assert prior.prompts == [] and weights is None  # k draws: no weights (--exact-prior only)
+    assert prior.prompts == [] and weights == (None, None)  # k draws: no weights (--exact-prior only)
     assert cands == [["a", "b"], ["a", "b"], ["a", "b"]] and next_cands == [["b", "b"], [], ["b", "b"]]
 
 
@@ -135,7 +135,7 @@ def test_missing_proposals_are_filled_with_the_episodes_history():
 def test_plain_cql_ignores_stored_proposals():
     agent = Agent("overcooked-salad", 0, None, None, None, 0)
     cands, next_cands, weights = candidate_sets(records(), agent, use_stored=False, rng=None)
-    assert cands == [["a", "b", "c"]] * 3 and next_cands == [["a", "b"], [], ["a", "b"]] and weights is None
+    assert cands == [["a", "b", "c"]] * 3 and next_cands == [["a", "b"], [], ["a", "b"]] and weights == (None, None)
 
 
 def test_dataset_mismatch_names_what_differs():
