@@ -49,6 +49,20 @@ def make_backend(kind: str, model: str, seed: int = 0, device=None, dtype=None, 
     raise ValueError(f"unknown backend {kind!r}")
 
 
+def _megabytes(variable: str, default: float) -> int:
+    """Bytes from an environment variable that counts MB (the default where unset)."""
+    from llmprior.runs import UserError
+
+    text = os.environ.get(variable, str(default))
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise UserError(f"${variable} is a number of MB (0 or more), got {text!r}")
+    return int(value * 2**20)
+
+
 def continuation_ids(tokenizer, prompt: str, action: str) -> tuple[list[int], list[int]]:
     """(prompt ids, action ids) with the action tokenised as it follows the prompt (" " + action after a prompt ending
     in "Action:"): tokenise the whole text and cut at the prompt's length, as lm-eval-harness does, because
@@ -77,6 +91,7 @@ class TransformersBackend:
 
         from llmprior.models import load_model, resolve_dtype
 
+        self.prefix_budget = _megabytes("LLMPRIOR_PREFIX_CACHE_MB", self.PREFIX_CACHE_MB)  # checked before the load
         self.torch = torch
         self.device = device or torch.device("cpu")
         self.dtype = resolve_dtype(dtype, self.device)
@@ -93,7 +108,6 @@ class TransformersBackend:
             bos_token_id=tok.bos_token_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id
         )
         self.numerics = f"{self.device.type}:{str(self.dtype).replace('torch.', '')}"
-        self.prefix_budget = int(float(os.environ.get("LLMPRIOR_PREFIX_CACHE_MB", self.PREFIX_CACHE_MB)) * 2**20)
         self._prefixes: list[tuple[list[int], list]] = []  # (prompt ids, per layer (keys, values)), oldest first
         self.prefix_tokens_reused = self.prompt_tokens_scored = 0
 

@@ -261,6 +261,17 @@ def test_tree_and_padded_scoring_both_match_slow_reference(tiny_model, kind, mon
     assert used[-1] == "_padded_logps"
 
 
+def test_the_prefix_cache_budget_comes_from_the_environment(tiny_lm_dir, monkeypatch):
+    from llmprior.runs import UserError
+
+    monkeypatch.setenv("LLMPRIOR_PREFIX_CACHE_MB", "0.5")
+    assert backends.TransformersBackend(tiny_lm_dir, CPU).prefix_budget == 2**19
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("LLMPRIOR_PREFIX_CACHE_MB", bad)
+        with pytest.raises(UserError, match=r"\$LLMPRIOR_PREFIX_CACHE_MB is a number of MB"):
+            backends.TransformersBackend(tiny_lm_dir, CPU)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma3-sliding"])
 def test_a_prompt_reuses_the_kept_prefix_of_an_earlier_one(tiny_model, kind):
     """Prompts that start like an earlier one (the task, the history of an episode) run only their new tokens against
