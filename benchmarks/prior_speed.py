@@ -11,8 +11,8 @@ Along noisy expert episodes of each env (the scripts' prompts, the env's default
 - `whole`: the same with that reuse off (every prompt token runs);
 - `padded`: the previous implementation, the backend's fallback: every action in one padded batch against the
   prompt's cache, the LM head at every position;
-and checks that whole, padded and tree give the same scores. `map` sampling (k = 5 free-form samples of 10 tokens) is timed
-with --modes map. With --llamacpp, `map` sampling is timed through the `openai` backend too, against llama.cpp's
+and checks that whole, padded and tree give the same scores. `map` sampling (k = 5 free-form samples of 10 tokens)
+is timed with --modes map. With --llamacpp, `map` sampling is timed through the `openai` backend too, against llama.cpp's
 OpenAI-compatible server serving the same GGUF file with as many threads (`pip install "llama-cpp-python[server]"`;
 its `dist` scoring is refused, see `OpenAIBackend`). Wall-clock with OMP_NUM_THREADS threads (set it; 1 is the
 measured default), first state excluded.
@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     write_csv(rows, path)
     print(markdown_table(rows, ["env", "model", "threads", "backend", "actions_per_state", "floor_s", "floor_head_s",
                                 "dist_s", "dist_whole_s", "reused", "dist_padded_s", "tree_over_floor",
-                                "tree_over_floor_head", "map_s", "max_score_difference", "reuse_score_difference"]))
+                                "tree_over_floor_head", "map_s", "max_score_difference",
+                                "reuse_score_difference"]))  # fmt: skip
     return 0
 
 

@@ -253,8 +253,7 @@ class TransformersBackend:
         self.prompt_tokens_scored += len(prompt_ids)
         cache = DynamicCache()
         if reused > 0:
-            self._prefixes.remove(best)
-            self._prefixes.append(best)  # most recently used last
+            self._prefixes = [e for e in self._prefixes if e is not best] + [best]  # most recently used last
             for layer, (keys, values) in enumerate(best[1]):
                 cache.update(keys[:, :, :reused], values[:, :, :reused], layer)
         return reused, cache
