@@ -413,6 +413,16 @@ def propose_episodes(episodes: list[list[dict]], propose: Proposer, seed: int, f
     return sets, quality
 
 
+def coverage_by_verb(records: list[dict], k: int) -> dict:
+    """{first word of the expert's action: [states, expert_coverage_at_k over those states]}: where on a task the
+    prior helps (ALFWorld's `go to` against its `take`)."""
+    by_verb: dict[str, list[dict]] = {}
+    for r in records:
+        by_verb.setdefault(r["_expert"].split(" ", 1)[0], []).append(r)
+    return {verb: [len(rs), [float(np.mean([r["_expert"] in r["proposals"][:j] for r in rs])) for j in range(1, k + 1)]]
+            for verb, rs in sorted(by_verb.items())}  # fmt: skip
+
+
 def fill_shard(prior_args: PriorArgs, seed: int, env_id: str, k: int, history: int, threads: int, shard: int,
                first: list[int], episodes: list[list[dict]]) -> tuple[list, list, int]:  # fmt: skip
     """A worker of --workers: its own prior proposes for its episodes -> (sets, quality, LLM queries)."""
@@ -550,6 +560,7 @@ def build(args: Args) -> dict:
         else None,
         "expert_action_rank": float(np.mean([r for _, r in quality])) if quality else None,
         "uniform_prob": float(np.mean([1 / len(r["admissible"]) for r in with_expert])) if with_expert else None,
+        "expert_coverage_by_verb": coverage_by_verb(with_expert, args.k) if prior and with_expert else None,
         "prior_queries": queries, "prior_seconds_per_query": (time.time() - fill_start) / queries if queries else None,
     }  # fmt: skip
     if prior is not None and prior.synthetic:  # its p_Q(a|s) needs them (cql_prior.py --exact-prior)

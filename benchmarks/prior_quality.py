@@ -10,7 +10,9 @@ k_max proposals per state, and reads from its header:
   mean rank among the scored actions;
 - equivalent_q: the quality Q of the synthetic prior p_Q = Q·1[a*] + (1 − Q)·uniform with the same mean expert
   probability, Q = (expert_prob − uniform_prob) / (1 − uniform_prob); below 0 is worse than uniform;
-- seconds per LLM query, on the benchmark's own cache file (so a query is a query).
+- seconds per LLM query, on the benchmark's own cache file (so a query is a query);
+- coverage@5_by_verb: coverage@5 by the first word of the expert's action, `verb:coverage/states` (where on a task
+  the prior helps: ALFWorld's `go to` against its `take`).
 
     python benchmarks/prior_quality.py                                        # --budget small: 4 envs, 2 LLMs
     python benchmarks/prior_quality.py --models gemma --label pmi -- --prior.score-normalize pmi
@@ -67,6 +69,9 @@ def measure(env_id: str, model: str, mode: str, states: int, ks: list[int], back
                llm_queries=header["prior_queries"], prior=header["prior"],
                seconds_per_query=None if header["prior_seconds_per_query"] is None else
                round(header["prior_seconds_per_query"], 2))  # fmt: skip
+    k = 5 if 5 in ks else max(ks)  # the scripts' default k
+    row[f"coverage@{k}_by_verb"] = " ".join(f"{verb}:{cov[k - 1]:.2f}/{n}" for verb, (n, cov)
+                                             in (header["expert_coverage_by_verb"] or {}).items())  # fmt: skip
     return {"states": header["transitions"], **row}, "python " + " ".join(map(show_path, hide_secrets(cmd)))
 
 

@@ -249,6 +249,11 @@ def test_smoke_prior_quality(smoke):
     p, u, q = float(rows[0]["expert_prob"]), float(rows[0]["uniform_prob"]), float(rows[0]["equivalent_q"])
     assert 0 < p < 1 and u == 0.2 and q == pytest.approx((p - u) / (1 - u), abs=2e-3)
     assert rows[1]["expert_prob"] == "" and rows[1]["expert_rank"] == ""
+    by_verb = [(float(c), int(n)) for part in rows[0]["coverage@5_by_verb"].split()
+               for c, n in [part.rsplit(":", 1)[1].split("/")]]  # fmt: skip
+    assert sum(n for _, n in by_verb) == int(rows[0]["states"])  # every state has an expert action on Tomato
+    assert sum(c * n for c, n in by_verb) / int(rows[0]["states"]) == pytest.approx(float(rows[0]["coverage@5"]),
+                                                                                    abs=0.01)  # fmt: skip
     assert prior_quality.main([*argv[:-6], "--models", smoke["lm"], "--label", "mixed", "--", "--prior.uniform-mix",
                                "1"]) == 0  # fmt: skip
     rows = read_rows(smoke, "prior_quality_smoke")

@@ -7,7 +7,7 @@ import pytest
 from helpers import run_script
 
 import envs
-from build_dataset import MixArgs, keep_episode, mix_weights, rollout
+from build_dataset import MixArgs, coverage_by_verb, keep_episode, mix_weights, rollout
 from cql_prior import Agent, candidate_sets, dataset_mismatch
 from llmprior.data import DATASET_FORMAT, DatasetError, load_dataset, write_dataset
 from llmprior.prompts import build_prompt
@@ -206,3 +206,11 @@ def test_builder_is_reproducible_and_records_the_mix(tmp_path):
     assert sorted({r["episode"] for r in recs}) == list(range(header["episodes"]))
     assert all(r["proposals"] is None for r in recs)
     assert json.loads(open(tmp_path / "a.jsonl").readline())["format"] == DATASET_FORMAT
+
+
+def test_coverage_by_verb_counts_the_expert_action_among_the_first_proposals():
+    records = [{"_expert": "go to desk 1", "proposals": ["go to bed 1", "go to desk 1", "look"]},
+               {"_expert": "go to bed 1", "proposals": ["look", "look", "inventory"]},
+               {"_expert": "take pen 1 from desk 1", "proposals": ["take pen 1 from desk 1", "look", "look"]}]
+    # go: at j = 1 neither state, at j = 2 one of the two; take: the first proposal already
+    assert coverage_by_verb(records, 3) == {"go": [2, [0.0, 0.5, 0.5]], "take": [1, [1.0, 1.0, 1.0]]}
