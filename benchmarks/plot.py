@@ -41,8 +41,8 @@ def _plt():
     return plt
 
 
-def _band(ax, xs, means, ses, label):
-    line = ax.plot(xs, means, marker="o", markersize=3, label=label)[0]
+def _band(ax, xs, means, ses, label, color=None):
+    line = ax.plot(xs, means, marker="o", markersize=3, label=label, color=color)[0]
     ax.fill_between(xs, [m - s for m, s in zip(means, ses)], [m + s for m, s in zip(means, ses)],
                     color=line.get_color(), alpha=0.2, linewidth=0)  # fmt: skip
 
@@ -50,10 +50,12 @@ def _band(ax, xs, means, ses, label):
 def plot_curves(path: str, rows: list[dict], panel: str, group: list[str], x: str, y: str, xlabel: str, title: str):
     plt = _plt()
     panels = list(dict.fromkeys(r[panel] for r in rows))
+    labels = list(dict.fromkeys(" ".join(str(r[k]) for k in group) for r in rows))  # a label's colour in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     for ax, p in zip(axes[0], panels):
         for g, (xs, means, ses) in mean_curves([r for r in rows if r[panel] == p], group, x, y).items():
-            _band(ax, xs, means, ses, " ".join(str(v) for v in g))
+            label = " ".join(str(v) for v in g)
+            _band(ax, xs, means, ses, label, f"C{labels.index(label) % 10}")
         ax.set_title(f"{p}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(y)
