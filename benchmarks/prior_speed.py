@@ -12,9 +12,9 @@ Along noisy expert episodes of each env (the scripts' prompts, the env's default
 - `padded`: the previous implementation, the backend's fallback: every action in one padded batch against the
   prompt's cache, the LM head at every position;
 and checks that whole, padded and tree give the same scores. `map` sampling (k = 5 free-form samples of 10 tokens)
-is timed with --modes map. With --llamacpp, `map` sampling is timed through the `openai` backend too, against llama.cpp's
-OpenAI-compatible server serving the same GGUF file with as many threads (`pip install "llama-cpp-python[server]"`;
-its `dist` scoring is refused, see `OpenAIBackend`). Wall-clock with OMP_NUM_THREADS threads (set it; 1 is the
+is timed with --modes map. With --llamacpp, `map` sampling is timed through the `openai` backend too, against
+llama.cpp's OpenAI-compatible server serving the same GGUF file with as many threads (`pip install
+"llama-cpp-python[server]"`; its `dist` scoring is refused, see `OpenAIBackend`). Wall-clock with OMP_NUM_THREADS threads (set it; 1 is the
 measured default), first state excluded.
 
     OMP_NUM_THREADS=1 python benchmarks/prior_speed.py                       # embedded Gemma, 4 envs, 20 states each
