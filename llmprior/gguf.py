@@ -232,7 +232,9 @@ def _q5_0(b: torch.Tensor) -> torch.Tensor:
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:].view(torch.int8) * _f16(b, 0)  # int8 * float32 -> float32 in one pass, as numpy's x.astype * d
+    # numpy's x.astype(float32) * d, as a cast and then an in-place product: one mixed int8 * float32 product over the
+    # strided blocks took 4.4 s for Gemma's 262k x 640 embedding on one core, these two passes 0.4 s (bit-identical)
+    return b[:, 2:].view(torch.int8).to(torch.float32).mul_(_f16(b, 0))
 
 
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
