@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import common  # noqa: E402
 import fig3_online  # noqa: E402
 import fig4_ablations  # noqa: E402
+import main_command  # noqa: E402
 import plot  # noqa: E402
 import prior_quality  # noqa: E402
 import prior_speed  # noqa: E402
@@ -274,6 +275,22 @@ def test_smoke_prior_speed(smoke):
     assert 0 < float(row["reused"]) < 1  # the states of one episode share the task and history lines
     assert float(row["max_score_difference"]) < 1e-4 and float(row["reuse_score_difference"]) < 1e-4
     assert row["command"].startswith("OMP_NUM_THREADS=")
+
+
+def test_main_command_fresh_then_again(smoke, tmp_path):
+    """benchmarks/main_command.py: the first run in a fresh HOME queries the LLM, the second answers every query from
+    the score cache and evaluates the same; each row has its own wall-clock, memory and the CPU."""
+    results = tmp_path / "results"
+    argv = ["--results-dir", str(results), "--", "--prior.model", smoke["lm"], "--total-timesteps", "24",
+            "--eval-freq", "12", "--eval-episodes", "1", "--learning-starts", "8"]  # fmt: skip
+    assert main_command.main(argv) == 0
+    fresh, again = common.read_csv(str(results / "main_command.csv"))
+    assert (fresh["phase"], again["phase"]) == ("fresh", "again") and fresh["env_steps"] == again["env_steps"] == 24
+    assert fresh["llm_queries"] > 0 and again["llm_queries"] == 0
+    assert fresh["final_success"] == again["final_success"]
+    assert fresh["wall_s"] > 0 and again["peak_rss_mb"] > 0 and "cores" in fresh["cpu"]
+    assert fresh["command"] == "python dqn_prior.py --prior.model " + smoke["lm"] + " --total-timesteps 24 " \
+        "--eval-freq 12 --eval-episodes 1 --learning-starts 8"
 
 
 def test_prior_speed_floor_counts_the_rows_the_tree_scores(smoke, monkeypatch):
