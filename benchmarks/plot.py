@@ -189,7 +189,8 @@ def main(argv=None) -> int:
         rows = [r for r in rows if r.get("label") in (None, *drawn)]
         long = [{"env": r["env"], "series": " ".join(str(r[c]) for c in ("model", "mode", "label") if r.get(c)),
                  "k": int(c.split("@")[1]), "coverage": v}
-                for r in rows for c, v in r.items() if c.startswith("coverage@")]  # fmt: skip
+                for r in rows for c, v in r.items()
+                if c.startswith("coverage@") and c.split("@")[1].isdigit()]  # not coverage@5_by_verb  # fmt: skip
         plot_curves(out("prior_quality"), long, "env", ["series"], "k", "coverage", "k proposals",
                     "Prior quality: share of expert states whose expert action is among k proposals (labels default, "
                     "sum, topk)")  # fmt: skip

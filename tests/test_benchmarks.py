@@ -109,7 +109,8 @@ def test_plot_writes_pngs_from_synthetic_csvs(tmp_path):
     common.write_csv([{"dataset": "overcooked-salad:1000", "method": m, "seed": s, "final_return": 0.1 * s}
                       for m in ("CQL", "CQL-Prior") for s in (1, 2)], os.path.join(d, "table1_offline.csv"))  # fmt: skip
     common.write_csv([{"env": "e", "model": "embedded", "mode": "dist", "coverage@1": 0.2, "coverage@5": 0.6,
-                       "expert_prob": 0.3, "uniform_prob": 0.2}], os.path.join(d, "prior_quality.csv"))  # fmt: skip
+                       "coverage@5_by_verb": '{"go": [3, 0.5]}', "expert_prob": 0.3, "uniform_prob": 0.2}],
+                     os.path.join(d, "prior_quality.csv"))  # fmt: skip
     common.write_csv([{"part": p, "env": "e", "algo": a, "q": q, "seed": s, "final_success": 0.5, "final_return": 1.0}
                       for p in ("online", "offline") for a, q in (("DQN-Prior", 0.0), ("DQN-Prior", 1.0), ("DQN", None))
                       for s in (1, 2)], os.path.join(d, "prior_sweep.csv"))  # fmt: skip
