@@ -20,13 +20,16 @@ measured default), first state excluded.
     OMP_NUM_THREADS=1 python benchmarks/prior_speed.py                       # embedded Gemma, 4 envs, 20 states each
     OMP_NUM_THREADS=2 python benchmarks/prior_speed.py --envs alfworld-pick --states 10
     OMP_NUM_THREADS=1 python benchmarks/prior_speed.py --modes dist map --llamacpp   # and llama.cpp's server
+    OMP_NUM_THREADS=1 python benchmarks/prior_speed.py --history 0     # the datasets' prompts: no past steps
 
-Writes results/prior_speed.csv (a row per env, model, thread count and backend; rows of other selections are kept).
+Writes results/prior_speed.csv (a row per env, model, thread count, backend and history; rows of other selections are
+kept).
 """
 
 import os
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -38,11 +41,12 @@ ENTRY = "prior_speed"
 BUDGET = {"smoke": dict(envs=["overcooked-tomato"], states=3),
           "small": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick"], states=20),
           "paper": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick"], states=50)}
-KEY = ["env", "model", "threads", "backend"]
+KEY = ["env", "model", "threads", "backend", "history"]  # history: None = the env's default
 
 
-def states_of(env_id: str, n: int, seed: int = 10_001) -> list[tuple[str, list[str]]]:
-    """(prompt, admissible actions) of the first n states of noisy expert episodes (a random action half the time)."""
+def states_of(env_id: str, n: int, seed: int = 10_001, steps: Optional[int] = None) -> list[tuple[str, list[str]]]:
+    """(prompt, admissible actions) of the first n states of noisy expert episodes (a random action half the time);
+    the prompts carry the env's default history (`steps` None) or that many past steps."""
     import envs
     from llmprior.prompts import build_prompt, default_history
 
@@ -52,7 +56,8 @@ def states_of(env_id: str, n: int, seed: int = 10_001) -> list[tuple[str, list[s
         obs, info = env.reset(seed=seed + episode)
         history, done = [], False
         while not done and len(out) < n:
-            admissible, h = list(info["admissible_actions"]), default_history(env_id)
+            admissible = list(info["admissible_actions"])
+            h = default_history(env_id) if steps is None else steps
             out.append((build_prompt(env_id, info["task"], obs, admissible, history[-h:] if h else []), admissible))
             expert = info.get("expert_action")
             action = expert if expert is not None and rng.random() < 0.5 else admissible[rng.integers(len(admissible))]
@@ -97,6 +102,11 @@ def floor_head(backend, prompt: str, rows: int) -> None:
         backend._log_probs(hidden[0, -1:].expand(rows, -1), list(range(rows)), [0] * rows)
 
 
+def prompt_tokens(backend, states) -> int:
+    """Mean prompt length in tokens over the timed states (the first, a warm-up, not counted)."""
+    return round(float(np.mean([len(backend.tokenizer(prompt).input_ids) for prompt, _ in states[1:]])))
+
+
 def timed(fn, *args) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn(*args)
@@ -131,6 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--states", type=int, default=None)
     parser.add_argument("--modes", nargs="+", choices=["dist", "map"], default=["dist"])
     parser.add_argument("--llamacpp", action="store_true", help="also time map sampling on llama.cpp's server")
+    parser.add_argument("--history", type=int, default=None,
+                        help="past steps in the prompts (default: each env's, as the scripts run; the datasets use 0)")
     args = parser.parse_args(argv)
     b = BUDGET[args.budget]
     envs_, n = args.envs or b["envs"], args.states or b["states"]
@@ -147,7 +159,7 @@ def main(argv=None) -> int:
     for model in args.models:
         backend = TransformersBackend(model, torch.device("cpu"))
         for env_id in envs_:
-            states = states_of(env_id, n + 1)
+            states = states_of(env_id, n + 1, steps=args.history)
             times: dict[str, list[float]] = {"floor": [], "floor_head": [], "tree": [], "whole": [], "padded": [],
                                              "map": []}  # fmt: skip
             worst, worst_reuse, budget = 0.0, 0.0, backend.prefix_budget
@@ -171,7 +183,8 @@ def main(argv=None) -> int:
                         if t is not None:
                             times[name].append(t)
             mean = {name: float(np.mean(t)) if t else None for name, t in times.items()}
-            rows.append({"env": env_id, "model": model, "threads": threads, "backend": "transformers", "states": n,
+            rows.append({"env": env_id, "model": model, "threads": threads, "backend": "transformers",
+                         "history": args.history, "states": n, "prompt_tokens": prompt_tokens(backend, states),
                          "actions_per_state": round(float(np.mean([len(a) for _, a in states[1:]])), 1),
                          "floor_s": round(mean["floor"], 3), "floor_head_s": round(mean["floor_head"], 3),
                          "dist_s": round(mean["tree"], 3), "dist_whole_s": round(mean["whole"], 3),
@@ -189,7 +202,7 @@ def main(argv=None) -> int:
     path = os.path.join(args.results_dir, f"{ENTRY}{'' if args.budget == 'small' else '_' + args.budget}.csv")
     rows = merge_rows(path, rows, KEY, {_key(r, KEY) for r in rows})
     write_csv(rows, path)
-    print(markdown_table(rows, ["env", "model", "threads", "backend", "actions_per_state", "floor_s", "floor_head_s",
+    print(markdown_table(rows, ["env", "model", "threads", "backend", "history", "prompt_tokens", "actions_per_state", "floor_s", "floor_head_s",
                                 "dist_s", "dist_whole_s", "reused", "dist_padded_s", "tree_over_floor",
                                 "tree_over_floor_head", "map_s", "max_score_difference",
                                 "reuse_score_difference"]))  # fmt: skip

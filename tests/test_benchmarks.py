@@ -276,6 +276,16 @@ def test_smoke_prior_speed(smoke):
     assert 0 < float(row["reused"]) < 1  # the states of one episode share the task and history lines
     assert float(row["max_score_difference"]) < 1e-4 and float(row["reuse_score_difference"]) < 1e-4
     assert row["command"].startswith("OMP_NUM_THREADS=")
+    assert float(row["prompt_tokens"]) > 0 and row["history"] in ("", None)  # the env's default history
+
+
+def test_prior_speed_history_sets_the_prompts_past_steps():
+    """--history 0 times the datasets' prompts (no past steps); the default is each env's, as the scripts run."""
+    default, bare = prior_speed.states_of("overcooked-tomato", 4), prior_speed.states_of("overcooked-tomato", 4,
+                                                                                          steps=0)  # fmt: skip
+    assert [a for _, a in default] == [a for _, a in bare]  # the same states
+    assert default[0][0] == bare[0][0]  # the first state has no past anyway
+    assert all(len(d) > len(b) and d.endswith(b[-200:]) for (d, _), (b, _) in zip(default[1:], bare[1:]))
 
 
 def test_main_command_fresh_then_again(smoke, tmp_path):
