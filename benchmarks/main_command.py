@@ -43,10 +43,10 @@ def cpu() -> str:
     return f"{name}, {os.cpu_count()} cores" + (", AVX-512" if " avx512f" in flags else "")
 
 
-def run_once(script_args: list[str], home: str) -> dict:
-    """One `python dqn_prior.py ...` in its own process; its output goes to `<home>/log_<n>.txt`."""
+def run_once(script_args: list[str], home: str, phase: str) -> dict:
+    """One `python dqn_prior.py ...` in its own process; its output goes to `<home>/log_<phase>.txt`."""
     env = dict(os.environ, HOME=home, LLMPRIOR_CACHE=os.path.join(home, ".cache", "llmprior"))
-    log_path = os.path.join(home, f"log_{len([f for f in os.listdir(home) if f.startswith('log_')])}.txt")
+    log_path = os.path.join(home, f"log_{phase}.txt")
     start = time.perf_counter()
     with open(log_path, "w") as log:
         child = subprocess.Popen([sys.executable, "dqn_prior.py", *script_args, "--runs-dir",
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="main_command_") as home:
         for phase in ("fresh", "again"):
             print(f"{phase}: {command}", flush=True)
-            result = run_once(list(args.extra), home)
+            result = run_once(list(args.extra), home, phase)
             rows.append({"phase": phase, "arguments": " ".join(args.extra), "threads": threads, **result,
                          "cpu": machine, "commit": commit, "command": command})  # fmt: skip
             print(" ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)

@@ -202,8 +202,8 @@ def main(argv=None) -> int:
     path = os.path.join(args.results_dir, f"{ENTRY}{'' if args.budget == 'small' else '_' + args.budget}.csv")
     rows = merge_rows(path, rows, KEY, {_key(r, KEY) for r in rows})
     write_csv(rows, path)
-    print(markdown_table(rows, ["env", "model", "threads", "backend", "history", "prompt_tokens", "actions_per_state", "floor_s", "floor_head_s",
-                                "dist_s", "dist_whole_s", "reused", "dist_padded_s", "tree_over_floor",
+    print(markdown_table(rows, ["env", "model", "threads", "backend", "history", "prompt_tokens", "actions_per_state",
+                                "floor_s", "floor_head_s", "dist_s", "dist_whole_s", "reused", "dist_padded_s", "tree_over_floor",
                                 "tree_over_floor_head", "map_s", "max_score_difference",
                                 "reuse_score_difference"]))  # fmt: skip
     return 0
