@@ -302,9 +302,14 @@ def write_csv(rows: list[dict], path: str) -> None:
     os.replace(tmp, path)
 
 
+# Columns that are text even where they look like numbers: a commit "5105e26" would read as 5.105e+29 and "0123456"
+# as 123456, and a merge would write the number back.
+TEXT_COLUMNS = {"commit", "command"}
+
+
 def read_csv(path: str) -> list[dict]:
     with open(path, newline="") as f:
-        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: (v if k in TEXT_COLUMNS and v else _parse(v)) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _parse(value: str):

@@ -55,6 +55,13 @@ def test_csv_round_trip_and_markdown_layout(tmp_path):
     back = common.read_csv(path)
     assert back[0] == {"env": "a", "seed": 1, "ret": 0.5, "hit": None, "ok": True, "extra": None}
     assert back[1]["ret"] == -1 and isinstance(back[1]["ret"], int)
+    # a commit that looks like a number stays the commit through a read and a merge
+    common.write_csv([{"env": "a", "commit": "5105e26"}, {"env": "b", "commit": "0123456"}], path)
+    merged = common.merge_rows(path, [], ["env"], set())
+    common.write_csv(merged, path)
+    assert [r["commit"] for r in common.read_csv(path)] == ["5105e26", "0123456"]
+    common.write_csv(rows, path)
+    back = common.read_csv(path)
     assert not glob.glob(str(tmp_path / "*.tmp*"))  # atomic write leaves no temp file
     table = common.markdown_table(back, ["env", "ret", "hit"], ["Env", "Return", "Hit"])
     assert table.splitlines() == ["| Env | Return | Hit |", "|---|---|---|", "| a | 0.5 | – |", "| b | -1 | – |"]
