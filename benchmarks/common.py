@@ -180,15 +180,21 @@ def run_jobs(jobs: list[Job], entry_dir: str, extra: Iterable[str] = (), dry_run
             continue
         run_dir = run_dir_of(job_dir)
         ckpt = os.path.join(run_dir, "checkpoint.pt") if run_dir else None
-        if ckpt and os.path.exists(ckpt):  # every script takes --resume <its checkpoint.pt>
-            cmd += ["--resume", ckpt]
-        shown = "python " + shlex.join(map(show_path, hide_secrets(cmd)))  # what is printed and kept
+        resume = ["--resume", ckpt] if ckpt and os.path.exists(ckpt) else []  # every script takes --resume
+        # the CSV keeps the command that reproduces the run; --resume is how this attempt continues it
+        shown = "python " + shlex.join(map(show_path, hide_secrets(cmd)))
+        shown_now = "python " + shlex.join(map(show_path, hide_secrets(cmd + resume)))
+        cmd += resume
         if dry_run:
-            print(shown)
+            print(shown_now)
             continue
         os.makedirs(job_dir, exist_ok=True)
         meta = {"command": shown, "commit": git_commit(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
-        print(f"[{i}/{len(jobs)}] {shown}\n        log: {show_path(job_dir)}/log.txt", flush=True)
+        earlier = {}  # an earlier attempt that failed and left its job.json: this one adds to its time and memory
+        if resume and os.path.exists(os.path.join(job_dir, "job.json")):
+            with open(os.path.join(job_dir, "job.json")) as f:
+                earlier = json.load(f)
+        print(f"[{i}/{len(jobs)}] {shown_now}\n        log: {show_path(job_dir)}/log.txt", flush=True)
         start = time.time()
         with open(os.path.join(job_dir, "log.txt"), "a") as log:
             # SIGINT back to its default in the child: a driver started in the background (`... &`) inherits an
@@ -208,8 +214,9 @@ def run_jobs(jobs: list[Job], entry_dir: str, extra: Iterable[str] = (), dry_run
             finally:
                 signal.signal(signal.SIGTERM, previous)
             proc.returncode = os.waitstatus_to_exitcode(status)
-        meta.update(wall_clock_s=round(time.time() - start, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
-                    returncode=proc.returncode)  # fmt: skip
+        meta.update(wall_clock_s=round(time.time() - start + earlier.get("wall_clock_s", 0), 1),
+                    peak_rss_mb=round(max(usage.ru_maxrss / 1024, earlier.get("peak_rss_mb", 0)), 1),
+                    returncode=proc.returncode, attempts=earlier.get("attempts", 1) + bool(resume))  # fmt: skip
         write_json(os.path.join(job_dir, "job.json"), meta)
         if proc.returncode != 0:
             print(f"        FAILED (exit {proc.returncode}); see {show_path(job_dir)}/log.txt", flush=True)
@@ -255,7 +262,10 @@ def save_results(jobs: list[Job], entry_dir: str, row_fn, path: str, curves: boo
         if run is None:
             continue
         meta = run["job"]
-        rows.append({**job.key, **row_fn(run), "wall_clock_s": meta.get("wall_clock_s"),
+        # an attempt stopped with its driver (Ctrl-C, a lost machine) left no job.json, but the script's own
+        # clock, kept in its checkpoint, counts it: a resumed run's time is the larger of the two
+        wall_clock = max(meta.get("wall_clock_s") or 0, run["summary"].get("wall_clock_s") or 0) or None
+        rows.append({**job.key, **row_fn(run), "wall_clock_s": wall_clock,
                      "peak_rss_mb": meta.get("peak_rss_mb"), "command": meta.get("command"),
                      "commit": meta.get("commit")})  # fmt: skip
         curve += [{**job.key, "step": ev.get("global_step", ev.get("step")), **{m: ev.get(m) for m in CURVE_METRICS}}

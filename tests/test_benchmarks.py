@@ -386,3 +386,30 @@ def test_printed_and_stored_commands_hide_the_api_key(capsys):
                                 "/nonexistent/results", "--", "--prior.api-key", "sk-secret"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "--prior.api-key ***" in printed and "sk-secret" not in printed
+
+
+def test_a_resumed_run_keeps_its_command_and_counts_the_time_of_every_attempt(tmp_path):
+    """A run that crashed (or lost its driver) and resumed from its checkpoint: the CSV's command is the one that
+    reproduces it, without --resume, and its time is the whole run's, not the last attempt's."""
+    script = tmp_path / "crashes_once.py"
+    script.write_text(
+        "import json, pathlib, sys\n"
+        "run = pathlib.Path(sys.argv[sys.argv.index('--runs-dir') + 1]) / 'run'; run.mkdir(parents=True, exist_ok=True)\n"
+        "if '--resume' not in sys.argv:\n"
+        "    (run / 'checkpoint.pt').write_text(json.dumps({'clock': 500.0})); sys.exit(1)\n"
+        "clock = json.loads(pathlib.Path(sys.argv[sys.argv.index('--resume') + 1]).read_text())['clock']\n"
+        "(run / 'summary.json').write_text(json.dumps({'wall_clock_s': clock + 1}))\n"
+    )  # fmt: skip
+    for driver_lost in (False, True):
+        entry = tmp_path / f"entry_{driver_lost}"
+        jobs = [common.Job({"a": 1}, str(script))]
+        assert common.run_jobs(jobs, str(entry)) == ["1"]  # the first attempt crashes after its checkpoint
+        first = json.load(open(entry / "1" / "job.json"))
+        if driver_lost:  # its driver was killed with it: no job.json
+            os.remove(entry / "1" / "job.json")
+        assert common.run_jobs(jobs, str(entry)) == []
+        job = json.load(open(entry / "1" / "job.json"))
+        assert "--resume" not in job["command"] and job["command"] == first["command"]
+        assert job["attempts"] == 2 and job["wall_clock_s"] >= (0 if driver_lost else first["wall_clock_s"])
+        (row,) = common.save_results(jobs, str(entry), lambda run: {}, str(tmp_path / f"r_{driver_lost}.csv"))
+        assert row["wall_clock_s"] == 501.0 and "--resume" not in row["command"]
