@@ -7,6 +7,7 @@ prints mean ± standard error over seeds. `python benchmarks/plot.py` draws resu
     python benchmarks/fig3_online.py                      # --budget small: Tomato, FrozenLake, ALFWorld-Pick, CPU
     python benchmarks/fig3_online.py --budget paper -- --prior.model Qwen/Qwen1.5-7B --prior.backend vllm
     python benchmarks/fig3_online.py --envs alfworld-pick --algos dqn dqn_prior --seeds 1
+    python benchmarks/fig3_online.py --envs overcooked-salad -- --eval-freq 1000 --eval-episodes 5  # later flags win
 
 Budgets (env steps per run; the paper trains Tomato 200 episodes, Salad 300, ALFWorld 1000, i.e. about the
 `paper` sizes below):
