@@ -413,12 +413,22 @@ def propose_episodes(episodes: list[list[dict]], propose: Proposer, seed: int, f
     return sets, quality
 
 
+def action_kind(task: str, action: str) -> str:
+    """The first word of an action; a `go to <receptacle> <n>` is `go-named` where the task names that receptacle
+    (the way to the goal, which the text tells) and `go-search` elsewhere (the expert knows where the object lies,
+    the text does not)."""
+    if not action.startswith("go to "):
+        return action.split(" ", 1)[0]
+    receptacle = action[len("go to ") :].rsplit(" ", 1)[0]
+    return "go-named" if re.search(rf"\b{re.escape(receptacle)}\b", task or "") else "go-search"
+
+
 def coverage_by_verb(records: list[dict], k: int) -> dict:
-    """{first word of the expert's action: [states, expert_coverage_at_k over those states]}: where on a task the
-    prior helps (ALFWorld's `go to` against its `take`)."""
+    """{kind of the expert's action (`action_kind`): [states, expert_coverage_at_k over those states]}: where on a
+    task the prior helps (ALFWorld's `go to` against its `take`)."""
     by_verb: dict[str, list[dict]] = {}
     for r in records:
-        by_verb.setdefault(r["_expert"].split(" ", 1)[0], []).append(r)
+        by_verb.setdefault(action_kind(r.get("task", ""), r["_expert"]), []).append(r)
     return {verb: [len(rs), [float(np.mean([r["_expert"] in r["proposals"][:j] for r in rs])) for j in range(1, k + 1)]]
             for verb, rs in sorted(by_verb.items())}  # fmt: skip
 

@@ -12,7 +12,8 @@ k_max proposals per state, and reads from its header:
   probability, Q = (expert_prob − uniform_prob) / (1 − uniform_prob); below 0 is worse than uniform;
 - seconds per LLM query, on the benchmark's own cache file (so a query is a query);
 - coverage@5_by_verb: coverage@5 by the first word of the expert's action, `verb:coverage/states` (where on a task
-  the prior helps: ALFWorld's `go to` against its `take`).
+  the prior helps: ALFWorld's `take` against its `go to`, split into `go-named`, to a receptacle the task names,
+  and `go-search`, to where the expert knows the object lies).
 
     python benchmarks/prior_quality.py                                        # --budget small: 4 envs, 2 LLMs
     python benchmarks/prior_quality.py --models gemma --label pmi -- --prior.score-normalize pmi

@@ -7,7 +7,7 @@ import pytest
 from helpers import run_script
 
 import envs
-from build_dataset import MixArgs, coverage_by_verb, keep_episode, mix_weights, rollout
+from build_dataset import MixArgs, action_kind, coverage_by_verb, keep_episode, mix_weights, rollout
 from cql_prior import Agent, candidate_sets, dataset_mismatch
 from llmprior.data import DATASET_FORMAT, DatasetError, load_dataset, write_dataset
 from llmprior.prompts import build_prompt
@@ -209,8 +209,15 @@ def test_builder_is_reproducible_and_records_the_mix(tmp_path):
 
 
 def test_coverage_by_verb_counts_the_expert_action_among_the_first_proposals():
-    records = [{"_expert": "go to desk 1", "proposals": ["go to bed 1", "go to desk 1", "look"]},
-               {"_expert": "go to bed 1", "proposals": ["look", "look", "inventory"]},
-               {"_expert": "take pen 1 from desk 1", "proposals": ["take pen 1 from desk 1", "look", "look"]}]
-    # go: at j = 1 neither state, at j = 2 one of the two; take: the first proposal already
-    assert coverage_by_verb(records, 3) == {"go": [2, [0.0, 0.5, 0.5]], "take": [1, [1.0, 1.0, 1.0]]}
+    task = "put some pen on desk."
+    records = [{"task": task, "_expert": "go to desk 1", "proposals": ["go to bed 1", "go to desk 1", "look"]},
+               {"task": task, "_expert": "go to desk 2", "proposals": ["look", "look", "go to desk 2"]},
+               {"task": task, "_expert": "go to bed 1", "proposals": ["look", "look", "inventory"]},
+               {"task": task, "_expert": "take pen 1 from desk 1", "proposals": ["take pen 1 from desk 1", "look"]}]
+    # the way to the desk the task names: one state at j = 2, both at j = 3; the bed, where the pen may lie: never;
+    # take: the first proposal already
+    assert coverage_by_verb(records, 3) == {"go-named": [2, [0.0, 0.5, 1.0]], "go-search": [1, [0.0, 0.0, 0.0]],
+                                            "take": [1, [1.0, 1.0, 1.0]]}  # fmt: skip
+    assert action_kind("put a pan on countertop.", "go to countertop 2") == "go-named"
+    assert action_kind("put a pan on countertop.", "go to counter 2") == "go-search"  # a whole word only
+    assert action_kind("Reach the goal.", "Go left") == "Go"  # other envs: the first word
