@@ -394,7 +394,8 @@ def test_a_resumed_run_keeps_its_command_and_counts_the_time_of_every_attempt(tm
     script = tmp_path / "crashes_once.py"
     script.write_text(
         "import json, pathlib, sys\n"
-        "run = pathlib.Path(sys.argv[sys.argv.index('--runs-dir') + 1]) / 'run'; run.mkdir(parents=True, exist_ok=True)\n"
+        "run = pathlib.Path(sys.argv[sys.argv.index('--runs-dir') + 1]) / 'run'\n"
+        "run.mkdir(parents=True, exist_ok=True)\n"
         "if '--resume' not in sys.argv:\n"
         "    (run / 'checkpoint.pt').write_text(json.dumps({'clock': 500.0})); sys.exit(1)\n"
         "clock = json.loads(pathlib.Path(sys.argv[sys.argv.index('--resume') + 1]).read_text())['clock']\n"
