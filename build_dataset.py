@@ -428,7 +428,7 @@ def coverage_by_verb(records: list[dict], k: int) -> dict:
     task the prior helps (ALFWorld's `go to` against its `take`)."""
     by_verb: dict[str, list[dict]] = {}
     for r in records:
-        by_verb.setdefault(action_kind(r.get("task", ""), r["_expert"]), []).append(r)
+        by_verb.setdefault(action_kind(r["task"], r["_expert"]), []).append(r)
     return {verb: [len(rs), [float(np.mean([r["_expert"] in r["proposals"][:j] for r in rs])) for j in range(1, k + 1)]]
             for verb, rs in sorted(by_verb.items())}  # fmt: skip
 

@@ -182,17 +182,17 @@ def run_jobs(jobs: list[Job], entry_dir: str, extra: Iterable[str] = (), dry_run
         ckpt = os.path.join(run_dir, "checkpoint.pt") if run_dir else None
         resume = ["--resume", ckpt] if ckpt and os.path.exists(ckpt) else []  # every script takes --resume
         # the CSV keeps the command that reproduces the run; --resume is how this attempt continues it
-        shown = "python " + shlex.join(map(show_path, hide_secrets(cmd)))
-        shown_now = "python " + shlex.join(map(show_path, hide_secrets(cmd + resume)))
+        shown, shown_now = (f"python {shlex.join(map(show_path, hide_secrets(c)))}" for c in (cmd, cmd + resume))
         cmd += resume
         if dry_run:
             print(shown_now)
             continue
         os.makedirs(job_dir, exist_ok=True)
         meta = {"command": shown, "commit": git_commit(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        job_json = os.path.join(job_dir, "job.json")
         earlier = {}  # an earlier attempt that failed and left its job.json: this one adds to its time and memory
-        if resume and os.path.exists(os.path.join(job_dir, "job.json")):
-            with open(os.path.join(job_dir, "job.json")) as f:
+        if resume and os.path.exists(job_json):
+            with open(job_json) as f:
                 earlier = json.load(f)
         print(f"[{i}/{len(jobs)}] {shown_now}\n        log: {show_path(job_dir)}/log.txt", flush=True)
         start = time.time()
@@ -217,7 +217,7 @@ def run_jobs(jobs: list[Job], entry_dir: str, extra: Iterable[str] = (), dry_run
         meta.update(wall_clock_s=round(time.time() - start + earlier.get("wall_clock_s", 0), 1),
                     peak_rss_mb=round(max(usage.ru_maxrss / 1024, earlier.get("peak_rss_mb", 0)), 1),
                     returncode=proc.returncode, attempts=earlier.get("attempts", 1) + bool(resume))  # fmt: skip
-        write_json(os.path.join(job_dir, "job.json"), meta)
+        write_json(job_json, meta)
         if proc.returncode != 0:
             print(f"        FAILED (exit {proc.returncode}); see {show_path(job_dir)}/log.txt", flush=True)
             failed.append(job.name)
