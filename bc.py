@@ -121,12 +121,12 @@ def train(args: Args) -> dict:
         header, records = load_dataset(args.dataset)
     except DatasetError as err:
         raise UserError(f"cannot train on this dataset: {err}") from None
-    env_id = header["env"]
-    run = runs.new_run(args, ckpt, env_id)
+    env_spec = header["env"]  # build_dataset.py's --env
+    run = runs.new_run(args, ckpt, env_spec)
     stop = runs.StopFlag()
     rng = runs.seed_everything(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    eval_env = envs.make(env_id)
+    eval_env = make_env(env_spec)
     try:
         lora = args.policy.lora_layers
         policy = load_policy(args.policy.model, device, lora, lora_r=0 if lora == 0 else 8)
@@ -134,9 +134,9 @@ def train(args: Args) -> dict:
         raise UserError(f"--policy.model {args.policy.model}: {err}") from None
     params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("value_head")]
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
-    history = default_policy_history(env_id)
+    history = default_policy_history(envs.registered_id(env_spec))
     samples = bc_samples(records, history)
-    print(f"{len(samples)} transitions from {args.dataset} ({env_id}, prior {header.get('prior')})", flush=True)
+    print(f"{len(samples)} transitions from {args.dataset} ({env_spec}, prior {header.get('prior')})", flush=True)
 
     s = {"step": 0, "best_eval": None, "skipped": 0, "order": np.zeros(0, dtype=np.int64), "cursor": 0,
          "bc_loss": None, "data_prob": None}  # fmt: skip
@@ -257,7 +257,7 @@ def evaluate(policy, env, episodes: int, history: int, stop=None, seed: int = 10
             "success_rate": float(np.mean(successes))}  # fmt: skip
 
 
-# ---------------- Infrastructure: validation ----------------
+# ---------------- Infrastructure: validation, envs ----------------
 def validate(args: Args) -> None:
     """Every flag, in one line each, before anything loads."""
     check(args.dataset is not None, "bc.py needs --dataset PATH (build_dataset.py writes one)")
@@ -267,6 +267,18 @@ def validate(args: Args) -> None:
                eval_episodes=(args.eval_episodes >= 1, ">= 1"),
                **{"policy.micro_batch": (args.policy.micro_batch >= 1, ">= 1"),
                   "policy.lora_layers": (args.policy.lora_layers is None or args.policy.lora_layers >= 0, ">= 0")})
+
+
+def make_env(env: str, split: Optional[str] = None, expert: bool = False):
+    """The env of --env (envs.make_env: a registered id, `package.module:ClassName` or a gymnasium id, with
+    `,key=value` keywords) on its game split `split`, with the expert's action where the run needs it (`expert`); a
+    bad spec, or an env that does not speak envs/core.py's protocol, is a one-line error before any model loads."""
+    import envs
+
+    try:
+        return envs.make_env(env, split, expert)
+    except envs.EnvSpecError as err:
+        raise UserError(f"--env {err}") from err
 
 
 def last_eval(path: str) -> dict:

@@ -97,7 +97,8 @@ class PriorArgs:
 @dataclass
 class Args:
     env: str = "overcooked-salad"
-    """the environment id (envs.ENV_IDS)"""
+    """the environment: an id (envs.ENV_IDS), `package.module:ClassName` or a gymnasium id, with `,key=value` keywords
+    (docs/envs.md)"""
     transitions: int = 1000
     """collect whole episodes until at least this many transitions"""
     out: Optional[str] = None
@@ -116,7 +117,7 @@ class Args:
     """(observation, action) pairs of the episode in the prior's prompt (None = the authors': Tomato 3, Salad 5, none
     elsewhere); 0 makes most transitions share a prompt, i.e. an LLM query"""
     split: Optional[str] = None
-    """ALFWorld only: the game split to collect on (None = train)"""
+    """the game split to collect on, for an env that has them (ALFWorld, TextWorld; None = its default, train)"""
     workers: int = 1
     """processes storing the proposals, each with its own copy of the prior and a share of the episodes; the file is
     the same for any number"""
@@ -356,6 +357,18 @@ def mix_weights(mix: MixArgs, k: int) -> np.ndarray:
     return weights / weights.sum()
 
 
+def make_env(env: str, split: Optional[str] = None, expert: bool = False):
+    """The env of --env (envs.make_env: a registered id, `package.module:ClassName` or a gymnasium id, with
+    `,key=value` keywords) on its game split `split`, with the expert's action where the run needs it (`expert`); a
+    bad spec, or an env that does not speak envs/core.py's protocol, is a one-line error before any model loads."""
+    import envs
+
+    try:
+        return envs.make_env(env, split, expert)
+    except envs.EnvSpecError as err:
+        raise UserError(f"--env {err}") from err
+
+
 # ---------------- Storing the proposals ----------------
 class Proposer:
     """The prior's proposals at a state of an episode: the prompt with the episode's last `history` steps."""
@@ -463,7 +476,6 @@ def build(args: Args) -> dict:
     from llmprior.data import load_dataset, write_dataset
     from llmprior.prompts import default_history, resolve_score_normalize
 
-    check(args.env in envs.ENV_IDS, f"--env {args.env}: unknown; one of {', '.join(envs.ENV_IDS)}")
     check_args(transitions=(args.transitions >= 1, ">= 1"), k=(args.k >= 0, ">= 0"),
                workers=(args.workers >= 1, ">= 1"), history=(args.history is None or args.history >= 0, ">= 0"),
                success_share=(args.success_share is None or 0 < args.success_share < 1, "in (0, 1)"),
@@ -473,18 +485,21 @@ def build(args: Args) -> dict:
     check(args.k > 0 or args.prior == PriorArgs(), "--k 0 stores no proposals: drop the --prior.* flags")
     check(args.prior.backend != "synthetic" or args.prior.mode == "dist",
           "the synthetic prior is a distribution: use --prior.mode dist")  # fmt: skip
-    out = args.out or os.path.join("data", f"{args.env}_{args.transitions}_k{args.k}_seed{args.seed}.jsonl")
+    name = f"{runs.file_name(args.env)}_{args.transitions}_k{args.k}_seed{args.seed}.jsonl"
+    out = args.out or os.path.join("data", name)
     weights = mix_weights(args.mix, args.k)
-    history = args.history if args.history is not None else default_history(args.env)
+    env_id = envs.registered_id(args.env)  # what the prompts key on ("" for an env from elsewhere: the generic one)
+    history = args.history if args.history is not None else default_history(env_id)
     if args.k > 0:
-        args.prior = resolve_score_normalize(args.prior, args.env)  # the header says which scoring ran
+        args.prior = resolve_score_normalize(args.prior, env_id)  # the header says which scoring ran
     rng = np.random.default_rng(args.seed)
-    # the synthetic prior proposes from the expert's action; the quality statistics compare against it
-    kwargs = {"expert": True} if args.env.startswith("alfworld") else {}
-    env = envs.make(args.env, **kwargs, **({"split": args.split} if args.split else {}))
+    # expert and noisy episodes follow the expert's action, the synthetic prior proposes it (where they do not run, an
+    # env whose expert costs a search skips it, and the quality statistics that compare against it are null)
+    synthetic = args.k > 0 and args.prior.backend == "synthetic"
+    env = make_env(args.env, args.split, expert=args.mix.expert > 0 or args.mix.noisy > 0 or synthetic)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prior = LLMPrior(args.prior, args.seed, device) if args.k > 0 else None
-    propose = Proposer(args.env, prior, args.k, history) if prior else None
+    propose = Proposer(env_id, prior, args.k, history) if prior else None
 
     # Collect: episode kinds from the mix, kept or rejected by the success-share balancing.
     start, max_rejections = time.time(), 5000
@@ -531,7 +546,7 @@ def build(args: Args) -> dict:
             shards = [s for s in shard_episodes(episodes, args.workers) if s]
             print(f"proposals: {len(shards)} workers, {threads} torch thread(s) each", flush=True)
             with ProcessPoolExecutor(len(shards), mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(fill_shard, args.prior, args.seed, args.env, args.k, history, threads, w, shard,
+                futures = [pool.submit(fill_shard, args.prior, args.seed, env_id, args.k, history, threads, w, shard,
                                        [episodes[i] for i in shard]) for w, shard in enumerate(shards)]  # fmt: skip
                 for shard, future in zip(shards, futures):
                     shard_sets, shard_quality, shard_queries = future.result()

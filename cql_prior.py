@@ -227,8 +227,8 @@ def train(args: Args) -> dict:
         header, records = load_dataset(args.dataset)
     except DatasetError as err:
         raise UserError(f"cannot train on this dataset: {err}") from None
-    env_id = header["env"]
-    run = runs.new_run(args, ckpt, env_id)
+    env_spec = header["env"]  # build_dataset.py's --env
+    run = runs.new_run(args, ckpt, env_spec)
     check(ckpt is None or ckpt["dataset_sha256"] == file_sha256(args.dataset),
           f"{args.dataset} changed since the checkpoint was written; resuming needs the same file")
     stop = runs.StopFlag()
@@ -237,16 +237,19 @@ def train(args: Args) -> dict:
     reduction, eval_alpha, data_action = args.loss_reduction, args.eval_alpha, True
     if args.authors_code:
         args.prior.mode, reduction, eval_alpha, data_action = "map", "sum", 0.0, False
+    import envs
     from llmprior.prompts import resolve_score_normalize
 
+    env_id = envs.registered_id(env_spec)  # what the prompts key on ("" for an env from elsewhere: the generic one)
     prior_args = resolve_score_normalize(args.prior, env_id, args.authors_code)
 
     # The prior proposes as the dataset's did: its prompt history and seed (then a stored state gets its stored set).
     history = header.get("history") or 0
     prior_seed = header.get("prior_seed") if header.get("prior_seed") is not None else args.seed
     synthetic = args.k > 0 and args.prior.backend == "synthetic"
+    eval_envs = make_eval_envs(env_spec, expert=synthetic)
     prior = LLMPrior(prior_args, prior_seed, device, args.authors_code) if args.k > 0 else None
-    problems = [] if args.exact_prior else dataset_mismatch(header, env_id, prior.identity if prior else None, args.k,
+    problems = [] if args.exact_prior else dataset_mismatch(header, env_spec, prior.identity if prior else None, args.k,
                                                             asdict(prior_args))  # stored proposals: unused if exact
     check(not problems or args.allow_mismatch, f"{args.dataset} does not match this run: its {'; '.join(problems)}. "
           "Build the dataset with this run's settings, or pass --allow-mismatch to use its stored proposals")
@@ -257,13 +260,6 @@ def train(args: Args) -> dict:
     check(not synthetic or all(r["proposals"] is not None for r in records),
           f"{args.dataset} stores no proposals, and the synthetic prior's come from the expert's action at each state, "
           "which only a dataset built with --prior.backend synthetic keeps: build it so")  # fmt: skip
-    alfworld = env_id.startswith("alfworld")
-    eval_envs = {"eval": make_env(env_id, expert=synthetic)}
-    if alfworld:
-        try:  # generalisation to unseen tasks (Table 2); the generated games have no unseen examine split
-            eval_envs["eval_unseen"] = make_env(env_id, split="unseen", expert=synthetic)
-        except ValueError as err:
-            print(f"no unseen evaluation: {err}", flush=True)
     from llmprior.encoder import TextEncoder
 
     encoder = TextEncoder(args.encoder, device)
@@ -293,7 +289,7 @@ def train(args: Args) -> dict:
     data = OfflineData(env_id, records, cands, next_cands, encoder, args.bootstrap_time_limit, *log_weights)
     queries = (prior.queries if prior else 0) - queries
     coverage = float(data.data_in_set.mean())
-    print(f"{len(records)} transitions from {args.dataset} ({env_id}, prior {header['prior']}, k {header['k']}); "
+    print(f"{len(records)} transitions from {args.dataset} ({env_spec}, prior {header['prior']}, k {header['k']}); "
           f"{queries} LLM queries to fill the candidate sets ({time.time() - fill_start:.0f} s); data action among "
           f"them: {coverage:.2f}", flush=True)  # fmt: skip
 
@@ -785,11 +781,30 @@ def validate(args: Args) -> None:
     check(not (args.authors_code and p != PriorArgs()), "--authors-code sets the prior: drop the --prior.* flags")
 
 
-def make_env(env_id: str, split: Optional[str] = None, expert: bool = False):
+def make_env(env: str, split: Optional[str] = None, expert: bool = False):
+    """The env of --env (envs.make_env: a registered id, `package.module:ClassName` or a gymnasium id, with
+    `,key=value` keywords) on its game split `split`, with the expert's action where the run needs it (`expert`); a
+    bad spec, or an env that does not speak envs/core.py's protocol, is a one-line error before any model loads."""
     import envs
 
-    kwargs = {"expert": expert, **({"split": split} if split else {})} if env_id.startswith("alfworld") else {}
-    return envs.make(env_id, **kwargs)
+    try:
+        return envs.make_env(env, split, expert)
+    except envs.EnvSpecError as err:
+        raise UserError(f"--env {err}") from err
+
+
+def make_eval_envs(env: str, expert: bool) -> dict:
+    """{"eval": the env, "eval_unseen": its unseen games} (the second where it has game splits: generalisation to
+    unseen games, Table 2; the generated ALFWorld games have no unseen examine split)."""
+    import envs
+
+    eval_envs = {"eval": make_env(env, expert=expert)}
+    if "unseen" in envs.game_splits(eval_envs["eval"]):
+        try:
+            eval_envs["eval_unseen"] = make_env(env, "unseen", expert)
+        except UserError as err:
+            print(f"no unseen evaluation: {err}", flush=True)
+    return eval_envs
 
 
 def last_eval(path: str) -> dict:

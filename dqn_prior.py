@@ -94,7 +94,8 @@ class Args:
     """episodes per evaluation (ALFWorld: on seen and on unseen games each)"""
 
     env: str = "overcooked-tomato"
-    """the environment id (envs.ENV_IDS)"""
+    """the environment: an id (envs.ENV_IDS), `package.module:ClassName` or a gymnasium id, with `,key=value` keywords
+    (docs/envs.md)"""
     total_timesteps: int = 1500
     """env steps (one step = one text action)"""
     k: int = 5
@@ -184,27 +185,25 @@ def train(args: Args) -> dict:
     stop = runs.StopFlag()
     rng = runs.seed_everything(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    alfworld = args.env.startswith("alfworld")
+    import envs
+
+    env_id = envs.registered_id(args.env)  # what the prompts key on ("" for an env from elsewhere: the generic one)
     hard_copies = args.tau >= 1.0
     epsilon, eval_alpha = args.epsilon, args.alpha if args.eval_alpha is None else args.eval_alpha
     reduction, max_actions = "mean", None
     if args.authors_code:
         args.prior.mode, reduction, eval_alpha = "map", "sum", 0.0
-        if alfworld:
+        if env_id.startswith("alfworld"):
             epsilon, hard_copies, max_actions = 0.2, True, 30
     from llmprior.prompts import default_history, resolve_score_normalize
 
-    prior_args = resolve_score_normalize(args.prior, args.env, args.authors_code)
+    prior_args = resolve_score_normalize(args.prior, env_id, args.authors_code)
 
-    # Envs (the expert's action, for the synthetic prior and for measuring the prior's coverage), prior, networks
+    # Envs (the expert's action, for the synthetic prior and for measuring the prior's coverage where it is cheap: an
+    # expert that costs a search, ALFWorld's planner, runs only when asked), prior, networks
     synthetic = args.k > 0 and args.prior.backend == "synthetic"
-    env = make_env(args.env, expert=synthetic or not alfworld)  # ALFWorld's planner costs time: coverage off there
-    eval_envs = {"eval": make_env(args.env, expert=synthetic)}
-    if alfworld:
-        try:  # generalisation to unseen tasks (Table 2); the generated games have no unseen examine split
-            eval_envs["eval_unseen"] = make_env(args.env, split="unseen", expert=synthetic)
-        except ValueError as err:
-            print(f"no unseen evaluation: {err}", flush=True)
+    env = make_env(args.env, expert=synthetic)
+    eval_envs = make_eval_envs(args.env, expert=synthetic)
     prior = LLMPrior(prior_args, args.seed, device, args.authors_code) if args.k > 0 else None
     from llmprior.encoder import TextEncoder
 
@@ -214,7 +213,7 @@ def train(args: Args) -> dict:
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.AdamW(q_network.parameters(), lr=args.learning_rate)
     rb = ReplayBuffer(args.buffer_size, args.k or max_actions or 128)
-    agent = Agent(args.env, args.k, prior, encoder, q_network, default_history(args.env), max_actions)
+    agent = Agent(env_id, args.k, prior, encoder, q_network, default_history(env_id), max_actions)
 
     s = {"global_step": 0, "episode": 0, "grad_steps": 0, "covered": 0, "coverage_states": 0, "best_eval": None,
          "recent_returns": [], "recent_success": [], "episode_actions": [], "cands": None}  # fmt: skip
@@ -650,9 +649,6 @@ def evaluate(agent: Agent, env, episodes: int, alpha: float, stop=None, name: st
 # ---------------- Infrastructure: validation, envs ----------------
 def validate(args: Args) -> None:
     """Every flag, in one line each, before anything loads."""
-    import envs
-
-    check(args.env in envs.ENV_IDS, f"--env {args.env}: unknown; one of {', '.join(envs.ENV_IDS)}")
     p = args.prior
     check_args(total_timesteps=(args.total_timesteps >= 1, ">= 1"), k=(args.k >= 0, ">= 0"),
                eval_freq=(args.eval_freq >= 1, ">= 1"), eval_episodes=(args.eval_episodes >= 1, ">= 1"),
@@ -671,11 +667,30 @@ def validate(args: Args) -> None:
     check(not (args.authors_code and p != PriorArgs()), "--authors-code sets the prior: drop the --prior.* flags")
 
 
-def make_env(env_id: str, split: Optional[str] = None, expert: bool = False):
+def make_env(env: str, split: Optional[str] = None, expert: bool = False):
+    """The env of --env (envs.make_env: a registered id, `package.module:ClassName` or a gymnasium id, with
+    `,key=value` keywords) on its game split `split`, with the expert's action where the run needs it (`expert`); a
+    bad spec, or an env that does not speak envs/core.py's protocol, is a one-line error before any model loads."""
     import envs
 
-    kwargs = {"expert": expert, **({"split": split} if split else {})} if env_id.startswith("alfworld") else {}
-    return envs.make(env_id, **kwargs)
+    try:
+        return envs.make_env(env, split, expert)
+    except envs.EnvSpecError as err:
+        raise UserError(f"--env {err}") from err
+
+
+def make_eval_envs(env: str, expert: bool) -> dict:
+    """{"eval": the env, "eval_unseen": its unseen games} (the second where it has game splits: generalisation to
+    unseen games, Table 2; the generated ALFWorld games have no unseen examine split)."""
+    import envs
+
+    eval_envs = {"eval": make_env(env, expert=expert)}
+    if "unseen" in envs.game_splits(eval_envs["eval"]):
+        try:
+            eval_envs["eval_unseen"] = make_env(env, "unseen", expert)
+        except UserError as err:
+            print(f"no unseen evaluation: {err}", flush=True)
+    return eval_envs
 
 
 def last_eval(path: str) -> dict:

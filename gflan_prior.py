@@ -103,7 +103,8 @@ class Args:
     """greedy evaluation episodes (the most probable action)"""
 
     env: str = "frozenlake"
-    """the environment id (envs.ENV_IDS)"""
+    """the environment: an id (envs.ENV_IDS), `package.module:ClassName` or a gymnasium id, with `,key=value` keywords
+    (docs/envs.md)"""
     total_timesteps: int = 2560
     """env steps, summed over the lockstep envs"""
     k: int = 5
@@ -238,12 +239,14 @@ def train(args: Args) -> dict:
     batch_size = args.num_envs * args.num_steps
     minibatch_size, num_iterations = batch_size // args.num_minibatches, args.total_timesteps // batch_size
     use_prior = args.k > 0 and (args.kl_coef > 0 or args.sub_action_space)
+    import envs
     from llmprior.prompts import resolve_score_normalize
 
-    prior_args = resolve_score_normalize(args.prior, args.env)
+    env_id = envs.registered_id(args.env)  # what the prompts key on ("" for an env from elsewhere: the generic one)
+    prior_args = resolve_score_normalize(args.prior, env_id)
     synthetic = use_prior and args.prior.backend == "synthetic"
-    alfworld = args.env.startswith("alfworld")
-    slots = [EnvSlot(make_env(args.env, expert=synthetic or not alfworld)) for _ in range(args.num_envs)]
+    # the expert's action for the synthetic prior, and for measuring the prior's coverage where it is cheap
+    slots = [EnvSlot(make_env(args.env, expert=synthetic)) for _ in range(args.num_envs)]
     eval_env = make_env(args.env, expert=synthetic)
     prior = LLMPrior(prior_args, args.seed, device) if use_prior else None
     from llmprior.policy import finite_step, load_policy
@@ -256,8 +259,8 @@ def train(args: Args) -> dict:
         raise UserError(f"--policy.model {args.policy.model}: {err}") from None
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
-    actor = Actor(args.env, policy, prior, args.k, args.sub_action_space, default_history(args.env),
-                  default_policy_history(args.env), args.policy.micro_batch)  # fmt: skip
+    actor = Actor(env_id, policy, prior, args.k, args.sub_action_space, default_history(env_id),
+                  default_policy_history(env_id), args.policy.micro_batch)  # fmt: skip
 
     s = {"iteration": 0, "global_step": 0, "next_episode": 0, "covered": 0, "coverage_states": 0, "best_eval": None,
          "recent_returns": [], "recent_success": [], "skipped": 0, "replays": [(None, [])] * args.num_envs}  # fmt: skip
@@ -720,9 +723,6 @@ MAX_GRAD_NORM = 0.5
 
 def validate(args: Args) -> None:
     """Every flag, in one line each, before anything loads."""
-    import envs
-
-    check(args.env in envs.ENV_IDS, f"--env {args.env}: unknown; one of {', '.join(envs.ENV_IDS)}")
     p = args.prior
     check_args(k=(args.k >= 0, ">= 0"), eval_freq=(args.eval_freq >= 1, ">= 1"),
                eval_episodes=(args.eval_episodes >= 1, ">= 1"), kl_coef=(args.kl_coef >= 0, ">= 0"),
@@ -748,11 +748,16 @@ def validate(args: Args) -> None:
     check(p.backend != "synthetic" or p.mode == "dist", "the synthetic prior is a distribution: use --prior.mode dist")
 
 
-def make_env(env_id: str, split: Optional[str] = None, expert: bool = False):
+def make_env(env: str, split: Optional[str] = None, expert: bool = False):
+    """The env of --env (envs.make_env: a registered id, `package.module:ClassName` or a gymnasium id, with
+    `,key=value` keywords) on its game split `split`, with the expert's action where the run needs it (`expert`); a
+    bad spec, or an env that does not speak envs/core.py's protocol, is a one-line error before any model loads."""
     import envs
 
-    kwargs = {"expert": expert, **({"split": split} if split else {})} if env_id.startswith("alfworld") else {}
-    return envs.make(env_id, **kwargs)
+    try:
+        return envs.make_env(env, split, expert)
+    except envs.EnvSpecError as err:
+        raise UserError(f"--env {err}") from err
 
 
 def last_eval(path: str) -> dict:

@@ -49,7 +49,7 @@ from textworld.core import GameState
 
 from envs import alfworld_gen
 from envs.alfworld_engine import make_engine
-from envs.core import TextEnv
+from envs.core import GameOrder, TextEnv
 
 TASK_TYPES = {"pick": alfworld_gen.PICK, "examine": alfworld_gen.EXAMINE}
 # Our split names, ALFWorld's folder names, and the names in ALFWorld's config files.
@@ -174,6 +174,9 @@ class ALFWorldEnv(TextEnv):
     ``game_files[i]``.
     """
 
+    splits = tuple(SPLITS)
+    costly_expert = True  # one planner search per step
+
     def __init__(
         self,
         task_type: str = "pick",
@@ -196,8 +199,7 @@ class ALFWorldEnv(TextEnv):
         self.max_steps, self.expert = max_steps, expert
         self._engine = make_engine(cache_size)
         self._loaded: str | None = None
-        self._order: list[int] = []
-        self._cursor = 0
+        self._games = GameOrder(self.num_games)
         self._state: GameState | None = None
         self._game_index = -1
         self._task = ""
@@ -205,17 +207,7 @@ class ALFWorldEnv(TextEnv):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict[str, Any]]:
         super().reset(seed=seed)
-        if seed is not None or not self._order:
-            self._reshuffle()
-        if options and "game_index" in options:
-            index = int(options["game_index"])
-            if not 0 <= index < self.num_games:
-                raise ValueError(f"game_index {index} out of range for {self.num_games} games")
-        else:
-            if self._cursor == len(self._order):
-                self._reshuffle()
-            index = self._order[self._cursor]
-            self._cursor += 1
+        index = self._games.next(self.np_random, seed is not None, options)
         game_file = self.game_files[index]
         if game_file != self._loaded:
             self._engine.load(game_file)
@@ -242,10 +234,6 @@ class ALFWorldEnv(TextEnv):
             return None
         plan = self._engine.plan()
         return plan[0] if plan else None
-
-    def _reshuffle(self) -> None:
-        self._order = [int(i) for i in self.np_random.permutation(self.num_games)]
-        self._cursor = 0
 
     def _info(self) -> dict[str, Any]:
         won = bool(self._state["won"])

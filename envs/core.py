@@ -14,6 +14,11 @@ The action space is ``gymnasium.spaces.Text``: ``step`` takes an action string f
 ``info["admissible_actions"]``; an ``int`` is accepted as an index into that list. Anything else raises a
 ``ValueError`` that names the admissible actions: an RL agent silently stepping with a no-op hides bugs.
 Calling ``step`` after ``terminated or truncated`` raises ``RuntimeError``; call ``reset`` first.
+
+Two class attributes say what an env offers beyond that (an env from elsewhere may declare them too, docs/envs.md):
+``splits``, the game splits its ``split=`` keyword takes (a script also evaluates on ``split="unseen"`` where it is
+one), and ``costly_expert``, true where the expert's action costs a search per step, so that the env computes it only
+when its ``expert=`` keyword asks.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class TextEnv(gym.Env):
     """Base class: action resolution, validation and the finished-episode guard."""
 
     metadata = {"render_modes": ["ansi"]}
+    splits: tuple[str, ...] = ()
+    costly_expert = False
 
     def __init__(self) -> None:
         self.observation_space = text_space()
@@ -72,3 +79,32 @@ class TextEnv(gym.Env):
     def expert_action(self) -> str | None:
         """The optimal next action in the current state (None when the env has no expert)."""
         return None
+
+
+class GameOrder:
+    """Which game each episode of an env with a set of games plays: ``reset(seed=s)`` draws a fresh permutation of the
+    games from ``s`` and plays its first game; later ``reset()`` calls walk the permutation, then draw another.
+    ``options={"game_index": i}`` plays game ``i``."""
+
+    def __init__(self, num_games: int) -> None:
+        self.num_games = num_games
+        self._order: list[int] = []
+        self._cursor = 0
+
+    def next(self, rng, seeded: bool, options: dict | None) -> int:
+        """The game of a new episode; ``rng`` is the env's ``np_random``, just reseeded if ``seeded``."""
+        if seeded or not self._order:
+            self._reshuffle(rng)
+        if options and "game_index" in options:
+            index = int(options["game_index"])
+            if not 0 <= index < self.num_games:
+                raise ValueError(f"game_index {index} out of range for {self.num_games} games")
+            return index
+        if self._cursor == len(self._order):
+            self._reshuffle(rng)
+        self._cursor += 1
+        return self._order[self._cursor - 1]
+
+    def _reshuffle(self, rng) -> None:
+        self._order = [int(i) for i in rng.permutation(self.num_games)]
+        self._cursor = 0

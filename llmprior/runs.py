@@ -22,6 +22,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -276,11 +277,18 @@ def load_resume(args, args_class, overrides: tuple[str, ...]) -> tuple:
     return resume_args(args, from_dict(args_class, ckpt["args"]), overrides), ckpt
 
 
-def new_run(args, ckpt: Optional[dict], env_id: str) -> Run:
-    """A new run in `<runs_dir>/<env>__<exp_name>__<seed>__<unix time>`, or the resumed one in the folder that holds
-    its checkpoint. Its folder is created by Run.open()."""
+def file_name(text: str) -> str:
+    """`text` as one file name: each run of characters other than letters, digits, `_`, `.` and `-` becomes `-` (an env
+    spec's `:`, `/`, `,` and `=`: `mymodule:MyEnv,size=4` -> `mymodule-MyEnv-size-4`)."""
+    return re.sub(r"[^\w.-]+", "-", text).strip("-")
+
+
+def new_run(args, ckpt: Optional[dict], env: str) -> Run:
+    """A new run in `<runs_dir>/<env>__<exp_name>__<seed>__<unix time>` (the --env spec as a file name), or the resumed
+    one in the folder that holds its checkpoint. Its folder is created by Run.open()."""
     if ckpt is None:
-        return Run(args, os.path.join(args.runs_dir, f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"))
+        name = f"{file_name(env)}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        return Run(args, os.path.join(args.runs_dir, name))
     return Run(args, os.path.dirname(os.path.abspath(args.resume)), ckpt)
 
 

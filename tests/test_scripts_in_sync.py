@@ -21,7 +21,8 @@ DEFINITIONS = [
     ("td_target", "dqn_prior.py", ["cql_prior.py"]),
     ("td_loss", "dqn_prior.py", ["cql_prior.py"]),
     ("select_action", "dqn_prior.py", ["cql_prior.py"]),
-    ("make_env", "dqn_prior.py", ["cql_prior.py", "gflan_prior.py"]),
+    ("make_env", "dqn_prior.py", ["cql_prior.py", "gflan_prior.py", "bc.py", "build_dataset.py"]),
+    ("make_eval_envs", "dqn_prior.py", ["cql_prior.py"]),
     ("last_eval", "dqn_prior.py", ["cql_prior.py", "gflan_prior.py", "bc.py"]),
     ("PolicyArgs", "gflan_prior.py", ["bc.py"]),
 ]
