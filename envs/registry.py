@@ -3,7 +3,7 @@ check that an env from elsewhere speaks the protocol of :mod:`envs.core` (docs/e
 
 A spec is ``ENV[,key=value,...]``. ENV is one of
 
-- a registered id (``ENV_IDS``: ``overcooked-tomato``, ..., ``babyai-gotoredball``), or ``llmprior/<id>-v0``, its
+- a registered id (``ENV_IDS``: ``overcooked-tomato``, ..., ``textworld-coin``), or ``llmprior/<id>-v0``, its
   gymnasium name;
 - ``package.module:ClassName``: any class (or function) that builds an env speaking the protocol; a plain
   ``gymnasium.Env`` will do, nothing of this project needs subclassing;
@@ -11,7 +11,7 @@ A spec is ``ENV[,key=value,...]``. ENV is one of
   ``module`` first (gymnasium's own form). ``module:Name`` is a class where ``module`` has one of that name.
 
 Each value is a Python literal (``ast.literal_eval``: ``5``, ``True``, ``'big'``, ``[1, 2]``), else the text itself:
-``frozenlake,max_steps=30``, ``mymodule:MyEnv,size=4,name=big``. A comma followed by ``name=`` starts the next keyword,
+``textworld-coin,level=5``, ``mymodule:MyEnv,size=4,name=big``. A comma followed by ``name=`` starts the next keyword,
 so a value may hold commas (``desc=['SF','FG']``).
 """
 
@@ -34,6 +34,9 @@ REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
     "alfworld-pick": ("envs.alfworld:ALFWorldEnv", {"task_type": "pick"}),
     "alfworld-examine": ("envs.alfworld:ALFWorldEnv", {"task_type": "examine"}),
     "babyai-gotoredball": ("envs.babyai:BabyAITextEnv", {"level": "GoToRedBall", "max_steps": 30}),
+    "textworld-coin": ("envs.textworld:TextWorldEnv", {"family": "coin"}),
+    "textworld-treasure": ("envs.textworld:TextWorldEnv", {"family": "treasure"}),
+    "textworld-cooking": ("envs.textworld:TextWorldEnv", {"family": "cooking"}),
 }
 ENV_IDS: tuple[str, ...] = tuple(REGISTRY)
 GYM_PREFIX, GYM_SUFFIX = "llmprior/", "-v0"  # a registered id's gymnasium name: llmprior/<id>-v0
@@ -53,7 +56,7 @@ def parse(spec: str) -> tuple[str, dict[str, Any]]:
     env, *pairs = _NEXT_KEYWORD.split(spec.strip())
     env = env.strip()
     if not env or "," in env:
-        raise EnvSpecError("expected ENV[,key=value,...], e.g. frozenlake,max_steps=30 (docs/envs.md)")
+        raise EnvSpecError("expected ENV[,key=value,...], e.g. textworld-coin,level=5 (docs/envs.md)")
     if env.startswith(GYM_PREFIX) and env.endswith(GYM_SUFFIX) and env[len(GYM_PREFIX) : -len(GYM_SUFFIX)] in REGISTRY:
         env = env[len(GYM_PREFIX) : -len(GYM_SUFFIX)]
     kwargs: dict[str, Any] = {}

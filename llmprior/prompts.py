@@ -78,8 +78,9 @@ def build_prompt(env_id: str, task: str, obs: str, admissible: list[str], histor
 
 
 def feature_text(env_id: str, task: str, obs: str, action: str) -> str:
-    """One string per (state, action), as the authors fed BERT (two spaces after the comma are theirs)."""
-    if env_id.startswith("alfworld"):
+    """One string per (state, action), as the authors fed BERT (two spaces after the comma are theirs). The task leads
+    where it tells the games of a set apart and no later observation repeats it (ALFWorld; TextWorld: the goal)."""
+    if env_id.startswith(("alfworld", "textworld")):
         return f"{task},  Action: {action}, for Observation: {obs},"
     return f"Observation: {obs},  Action: {action}."
 

@@ -15,7 +15,8 @@ from llmprior.runs import file_name
 def test_unknown_env_id_lists_valid_ids():
     with pytest.raises(ValueError) as err:
         envs.make("overcooked-pasta")
-    for env_id in ("overcooked-tomato", "overcooked-salad", "frozenlake", "frozenlake-8x8", "alfworld-pick"):
+    for env_id in ("overcooked-tomato", "overcooked-salad", "frozenlake", "frozenlake-8x8", "alfworld-pick",
+                   "textworld-coin", "textworld-treasure", "textworld-cooking"):  # fmt: skip
         assert env_id in str(err.value)
     assert str(err.value).startswith("overcooked-pasta: unknown")
 
@@ -32,14 +33,14 @@ def test_step_before_reset_raises():
 
 
 def test_keywords_are_python_literals_else_text():
-    assert envs.parse("frozenlake,max_steps=5") == ("frozenlake", {"max_steps": 5})
+    assert envs.parse("textworld-coin,level=5") == ("textworld-coin", {"level": 5})
     assert envs.parse(" mod.sub:MyEnv , size=4, name=big,flag=True, path=/data/x ") == (
         "mod.sub:MyEnv", {"size": 4, "name": "big", "flag": True, "path": "/data/x"})  # fmt: skip
     # a comma not followed by `name=` belongs to the value
     assert envs.parse("frozenlake,desc=['SF', 'FG'],max_steps=9") == ("frozenlake", {"desc": ["SF", "FG"],
                                                                                       "max_steps": 9})
     assert envs.parse("llmprior/overcooked-salad-v0,horizon=30") == ("overcooked-salad", {"horizon": 30})
-    for bad in ("", ",max_steps=5", "overcooked-tomato,5", "frozenlake,max_steps=5,max_steps=6"):
+    for bad in ("", ",max_steps=5", "overcooked-tomato,5", "textworld-coin,level=5,level=6"):
         with pytest.raises(envs.EnvSpecError):
             envs.parse(bad)
 
@@ -168,7 +169,7 @@ def test_an_env_with_a_costly_expert_computes_it_only_when_asked(foreign):
 def test_run_folder_names_stay_file_names():
     assert file_name("mymodule:MyEnv,size=4") == "mymodule-MyEnv-size-4"
     assert file_name("llmprior/frozenlake-v0") == "llmprior-frozenlake-v0"
-    assert file_name("frozenlake,max_steps=5,desc=['a', 'b']") == "frozenlake-max_steps-5-desc-a-b"
+    assert file_name("textworld-coin,level=5,desc=['a', 'b']") == "textworld-coin-level-5-desc-a-b"
     assert file_name("overcooked-tomato") == "overcooked-tomato"
 
 
