@@ -47,10 +47,26 @@ class Job:
 
     @property
     def name(self) -> str:
-        return "__".join(f"{v}" for v in self.key.values()).replace("/", "-").replace(":", "-").replace(" ", "")
+        return "__".join(name_part(v) for v in self.key.values())
 
     def command(self, job_dir: str) -> list:
         return [self.script, *map(str, self.args), "--runs-dir", job_dir]
+
+
+# An env spec's `/`, `:`, `,`, `=` (`mymodule:MyEnv,size=4`, `llmprior/frozenlake-v0`) and spaces, in a file name
+_NAME_CHARS = str.maketrans({"/": "-", ":": "-", ",": "-", "=": "-", " ": None})
+
+
+def name_part(value) -> str:
+    """A value (an env spec, an algorithm's name, a seed) as part of a file name: `mymodule:MyEnv,size=4` ->
+    `mymodule-MyEnv-size-4`, `CQL (mean TD)` -> `CQL(meanTD)`."""
+    return str(value).translate(_NAME_CHARS)
+
+
+def dataset_spec(spec: str) -> tuple[str, int]:
+    """`<env>:<transitions>` (the env itself may hold a `:`, as `mymodule:MyEnv`) -> (env, transitions)."""
+    env, n = spec.rsplit(":", 1)
+    return env, int(n)
 
 
 def common_parser(doc: str) -> argparse.ArgumentParser:

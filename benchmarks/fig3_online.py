@@ -14,7 +14,8 @@ Budgets (env steps per run; the paper trains Tomato 200 episodes, Salad 300, ALF
     smoke  overcooked-tomato; dqn, dqn_prior, gflan_prior; seed 1; 24 steps
     small  overcooked-tomato, frozenlake, alfworld-pick; dqn, dqn_prior; seeds 1 2 3; 3000 steps; Tomato and
            FrozenLake evaluated every 100 steps with 10 episodes, ALFWorld-Pick every 500 with 5 seen + 5 unseen
-           games (the settings of benchmarks/prior_sweep.py, so a run here sits on that figure's axis)
+           games, TextWorld-Treasure (`--envs textworld-treasure`) every 250 with 10 + 10 (the settings of
+           benchmarks/prior_sweep.py, so a run here sits on that figure's axis)
     paper  all five envs; dqn, dqn_prior, gflan, gflan_prior; seeds 1 2 3; Tomato 6000, FrozenLake 5000,
            Salad 15000, ALFWorld 61000 steps; eval every 500 with 10 episodes
 """
@@ -40,7 +41,8 @@ BUDGET = {
     "smoke": dict(envs=["overcooked-tomato"], algos=["dqn", "dqn_prior", "gflan_prior"], seeds=[1], steps=24,
                   eval_freq=24, eval_episodes=1),
     "small": dict(envs=["overcooked-tomato", "frozenlake", "alfworld-pick"], algos=["dqn", "dqn_prior"],
-                  seeds=[1, 2, 3], steps=3000, eval_freq={"alfworld-pick": 500, "other": 100},
+                  seeds=[1, 2, 3], steps=3000,
+                  eval_freq={"alfworld-pick": 500, "textworld-treasure": 250, "other": 100},
                   eval_episodes={"alfworld-pick": 5, "other": 10}),
     "paper": dict(envs=list(PAPER_STEPS), algos=["dqn", "dqn_prior", "gflan", "gflan_prior"], seeds=[1, 2, 3],
                   steps=None, eval_freq=500, eval_episodes=10),
@@ -55,7 +57,9 @@ def jobs_for(budget: str, envs=None, algos=None, seeds=None, steps=None) -> list
 
     jobs = []
     for env in envs or b["envs"]:
-        n = steps or b["steps"] or PAPER_STEPS[env]
+        n = steps or b["steps"] or PAPER_STEPS.get(env)
+        if n is None:
+            raise SystemExit(f"--budget {budget} has no length for {env}: pass --steps")
         for algo in algos or b["algos"]:
             script, algo_args = ALGOS[algo]
             for seed in seeds or b["seeds"]:

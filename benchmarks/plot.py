@@ -119,7 +119,8 @@ def plot_sweep(path: str, rows: list[dict], quality: list[dict]):
                 ax.axhline(m, color="black", linestyle=next(baseline_styles), label=f"{algo} (no prior)")
                 ax.axhspan(m - se, m + se, color="black", alpha=0.08, linewidth=0)
         for r in quality:
-            if r["env"] == str(env).split(":")[0] and r["mode"] == "dist" and r.get("label", "default") == "default":
+            env_of_panel = env if part == "online" else str(env).rsplit(":", 1)[0]  # offline: <env>:<transitions>
+            if r["env"] == env_of_panel and r["mode"] == "dist" and r.get("label", "default") == "default":
                 q = r.get("equivalent_q")
                 if q is None and r.get("expert_prob") is not None:
                     q = (r["expert_prob"] - r["uniform_prob"]) / (1 - r["uniform_prob"])

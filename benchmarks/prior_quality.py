@@ -15,7 +15,7 @@ k_max proposals per state, and reads from its header:
   the prior helps: ALFWorld's `take` against its `go to`, split into `go-named`, to a receptacle the task names,
   and `go-search`, to where the expert knows the object lies).
 
-    python benchmarks/prior_quality.py                                        # --budget small: 4 envs, 2 LLMs
+    python benchmarks/prior_quality.py                                        # --budget small: 5 envs, 2 LLMs
     python benchmarks/prior_quality.py --models gemma --label pmi -- --prior.score-normalize pmi
     python benchmarks/prior_quality.py --models Qwen/Qwen1.5-7B --backend vllm --modes dist constrained
 
@@ -23,8 +23,8 @@ Arguments after `--` are more `--prior.*` settings for every build; `--label` na
 
 Budgets:
     smoke  overcooked-tomato, at least 5 states, the given --models in dist mode, k in {1, 5}
-    small  overcooked-tomato, overcooked-salad, frozenlake, alfworld-pick; at least 40 states each; gemma and
-           smollm2; dist; k in {1, 3, 5, 10}
+    small  overcooked-tomato, overcooked-salad, frozenlake, alfworld-pick, textworld-treasure; at least 40 states
+           each; gemma and smollm2; dist; k in {1, 3, 5, 10}
     paper  as small with at least 200 states per env and the modes dist, map, constrained
 
 Writes results/prior_quality.csv (rows of other labels and selections are kept).
@@ -37,14 +37,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ROOT, _key, common_parser, git_commit, hide_secrets, markdown_table, merge_rows,  # noqa: E402
-                    prior_args, show_path, write_csv)  # fmt: skip
+                    name_part, prior_args, show_path, write_csv)  # fmt: skip
 
 ENTRY = "prior_quality"
 BUDGET = {
     "smoke": dict(envs=["overcooked-tomato"], states=5, models=["gemma"], modes=["dist"], ks=[1, 5]),
-    "small": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick"], states=40,
-                  models=["gemma", "smollm2"], modes=["dist"], ks=[1, 3, 5, 10]),
-    "paper": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick"], states=200,
+    "small": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick", "textworld-treasure"],
+                  states=40, models=["gemma", "smollm2"], modes=["dist"], ks=[1, 3, 5, 10]),
+    "paper": dict(envs=["overcooked-tomato", "overcooked-salad", "frozenlake", "alfworld-pick", "textworld-treasure"],
+                  states=200,
                   models=["gemma", "smollm2"], modes=["dist", "map", "constrained"], ks=[1, 3, 5, 10]),
 }  # fmt: skip
 KEY = ["env", "model", "mode", "label"]
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     for model in models:
         for mode in modes:
             for env_id in envs_:
-                out = os.path.join(folder, f"{env_id}__{os.path.basename(model)}__{mode}.jsonl")
+                out = os.path.join(folder, f"{name_part(env_id)}__{os.path.basename(model)}__{mode}.jsonl")
                 row, command = measure(env_id, model, mode, states, ks, args.backend, args.extra, out, cache, seed)
                 rows.append({"env": env_id, "model": model, "mode": mode, "label": args.label, **row,
                              "command": command, "commit": commit})  # fmt: skip

@@ -44,13 +44,13 @@ BUDGET = {"smoke": dict(envs=["overcooked-tomato"], states=3),
 KEY = ["env", "model", "threads", "backend", "history"]  # history: None = the env's default
 
 
-def states_of(env_id: str, n: int, seed: int = 10_001, steps: Optional[int] = None) -> list[tuple[str, list[str]]]:
+def states_of(env_spec: str, n: int, seed: int = 10_001, steps: Optional[int] = None) -> list[tuple[str, list[str]]]:
     """(prompt, admissible actions) of the first n states of noisy expert episodes (a random action half the time);
     the prompts carry the env's default history (`steps` None) or that many past steps."""
     import envs
     from llmprior.prompts import build_prompt, default_history
 
-    env = envs.make(env_id, **({"expert": True} if env_id.startswith("alfworld") else {}))
+    env, env_id = envs.make_env(env_spec, expert=True), envs.registered_id(env_spec)
     rng, out, episode = np.random.default_rng(seed), [], 0
     while len(out) < n:
         obs, info = env.reset(seed=seed + episode)

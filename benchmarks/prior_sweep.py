@@ -4,8 +4,9 @@ The prior is the synthetic one (`--prior.backend synthetic --prior.synthetic-q Q
 (1 − Q)/|A(s)|, a* the env's expert action, sampled k = 5 times per state like an LLM. Q = 0 is a uniform prior,
 Q = 1 proposes only the expert's action. Each Q is compared with the prior-free baseline of the same script:
 
-- online (dqn_prior.py): DQN-Prior at each Q and DQN (`--k 0`) on Tomato, FrozenLake and ALFWorld-Pick; env steps
-  to an evaluation success >= 0.9, and the final success (does it hold?);
+- online (dqn_prior.py): DQN-Prior at each Q and DQN (`--k 0`) on Tomato, FrozenLake, ALFWorld-Pick and TextWorld's
+  Treasure Hunter (level 15), or any `--envs` (an env no budget names runs with the budget's `online_other`); env
+  steps to an evaluation success >= 0.9, and the final success (does it hold?);
 - offline (cql_prior.py): CQL-Prior and DQN-Prior (`--cql-beta 0`) at each Q and CQL (`--k 0`) on Salad(1000)
   and ALFWorld-Pick(1500), each dataset built by build_dataset.py with the same transitions (same seed) and the
   proposals of p_Q; final and best return.
@@ -18,11 +19,12 @@ Q = 1 proposes only the expert's action. Each Q is compared with the prior-free 
 Budgets:
     smoke  online Tomato 24 env steps, offline Salad(40) 10 gradient steps; Q in {0, 1}; seed 1
     small  Q in {0, 0.25, 0.5, 0.75, 1}; seeds 1 2 3. Online: Tomato and FrozenLake 3000 env steps (evaluation
-           every 100 with 10 episodes), ALFWorld-Pick 3000 (every 500, 5 seen and 5 unseen games). Offline: 5000
-           gradient steps; Salad(1000) evaluated every 500 with 10 episodes, ALFWorld-Pick(1500) every 1000 with 5
-           (+5 unseen)
-    paper  as small with the paper's lengths: Tomato 6000, FrozenLake 5000 and ALFWorld-Pick 20000 env steps; 10000
-           gradient steps on Salad(1000) and ALFWorld-Pick(6500); 10 evaluation episodes
+           every 100 with 10 episodes), ALFWorld-Pick 3000 (every 500, 5 seen and 5 unseen games), TextWorld-Treasure
+           3000 (every 250, 10 seen and 10 unseen games). Offline: 5000 gradient steps; Salad(1000) evaluated every 500
+           with 10 episodes, ALFWorld-Pick(1500) every 1000 with 5 (+5 unseen)
+    paper  as small with the paper's lengths: Tomato 6000, FrozenLake 5000 and ALFWorld-Pick 20000 env steps
+           (TextWorld-Treasure 10000); 10000 gradient steps on Salad(1000) and ALFWorld-Pick(6500); 10 evaluation
+           episodes
 
 Writes results/prior_sweep.csv and results/prior_sweep_curves.csv (one row per run / evaluation, with the command and
 commit); `python benchmarks/plot.py` draws results/prior_sweep.png.
@@ -33,8 +35,8 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ROOT, Job, aggregate, common_parser, first_step_reaching, fmt, markdown_table,  # noqa: E402
-                    results_path, run_jobs, save_results)  # fmt: skip
+from common import (ROOT, Job, aggregate, common_parser, dataset_spec, first_step_reaching, fmt,  # noqa: E402
+                    markdown_table, results_path, run_jobs, save_results)  # fmt: skip
 from table1_offline import dataset_path, ensure_datasets  # noqa: E402
 
 ENTRY = "prior_sweep"
@@ -48,20 +50,27 @@ BASELINES = ("DQN", "CQL", "CQL (mean TD)")  # prior-free: one run per seed, not
 BUDGET = {
     "smoke": dict(qs=[0.0, 1.0], seeds=[1],
                   online={"overcooked-tomato": dict(steps=24, eval_freq=24, eval_episodes=1)},
+                  online_other=dict(steps=24, eval_freq=24, eval_episodes=1),
                   offline={"overcooked-salad:40": dict(steps=10, eval_freq=10, eval_episodes=1)}),
     "small": dict(qs=[0.0, 0.25, 0.5, 0.75, 1.0], seeds=[1, 2, 3],
                   online={"overcooked-tomato": dict(steps=3000, eval_freq=100, eval_episodes=10),
                           "frozenlake": dict(steps=3000, eval_freq=100, eval_episodes=10),
-                          "alfworld-pick": dict(steps=3000, eval_freq=500, eval_episodes=5)},
+                          "alfworld-pick": dict(steps=3000, eval_freq=500, eval_episodes=5),
+                          "textworld-treasure": dict(steps=3000, eval_freq=250, eval_episodes=10)},
+                  online_other=dict(steps=3000, eval_freq=100, eval_episodes=10),
                   offline={"overcooked-salad:1000": dict(steps=5000, eval_freq=500, eval_episodes=10),
                            "alfworld-pick:1500": dict(steps=5000, eval_freq=1000, eval_episodes=5)}),
     "paper": dict(qs=[0.0, 0.25, 0.5, 0.75, 1.0], seeds=[1, 2, 3],
                   online={"overcooked-tomato": dict(steps=6000, eval_freq=200, eval_episodes=10),
                           "frozenlake": dict(steps=5000, eval_freq=200, eval_episodes=10),
-                          "alfworld-pick": dict(steps=20000, eval_freq=1000, eval_episodes=10)},
+                          "alfworld-pick": dict(steps=20000, eval_freq=1000, eval_episodes=10),
+                          "textworld-treasure": dict(steps=10000, eval_freq=500, eval_episodes=10)},
+                  online_other=dict(steps=5000, eval_freq=200, eval_episodes=10),
                   offline={"overcooked-salad:1000": dict(steps=10000, eval_freq=500, eval_episodes=10),
                            "alfworld-pick:6500": dict(steps=10000, eval_freq=1000, eval_episodes=10)}),
 }  # fmt: skip
+# Every env a budget names; any other (an env from elsewhere, other keywords) runs online with `online_other`.
+KNOWN_ENVS = {env for b in BUDGET.values() for env in (*b["online"], *(dataset_spec(s)[0] for s in b["offline"]))}
 
 
 def synthetic(q: float) -> list[str]:
@@ -70,9 +79,10 @@ def synthetic(q: float) -> list[str]:
 
 def online_jobs(b: dict, envs: list[str], qs: list[float], seeds: list[int]) -> list[Job]:
     jobs = []
-    for env, run in b["online"].items():
-        if env not in envs:
-            continue
+    for env in envs:
+        if env not in b["online"] and env in KNOWN_ENVS:
+            continue  # another budget's, or an offline dataset's
+        run = b["online"].get(env, b["online_other"])
         common = ["--env", env, "--total-timesteps", run["steps"], "--eval-freq", run["eval_freq"],
                   "--eval-episodes", run["eval_episodes"]]  # fmt: skip
         if run["steps"] < 100:  # smoke: learn before the run ends
@@ -89,7 +99,7 @@ def online_jobs(b: dict, envs: list[str], qs: list[float], seeds: list[int]) -> 
 def offline_jobs(b: dict, envs: list[str], qs: list[float], seeds: list[int], data_dir: str) -> list[Job]:
     jobs = []
     for spec, run in b["offline"].items():
-        if spec.split(":")[0] not in envs:
+        if dataset_spec(spec)[0] not in envs:
             continue
         common = ["--total-steps", run["steps"], "--eval-freq", run["eval_freq"], "--eval-episodes",
                   run["eval_episodes"]]  # fmt: skip
@@ -118,7 +128,7 @@ def main(argv=None) -> int:
     parser = common_parser(__doc__)
     parser.add_argument("--parts", nargs="+", choices=["online", "offline"], default=["online", "offline"])
     parser.add_argument("--envs", nargs="+", default=["overcooked-tomato", "frozenlake", "overcooked-salad",
-                                                       "alfworld-pick"])  # fmt: skip
+                                                       "alfworld-pick", "textworld-treasure"])  # fmt: skip
     parser.add_argument("--qs", nargs="+", type=float, default=None, help="override the budget's prior qualities")
     parser.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     args = parser.parse_args(argv)
@@ -130,7 +140,7 @@ def main(argv=None) -> int:
     if "online" in args.parts:
         jobs += online_jobs(b, args.envs, qs, seeds)
     if "offline" in args.parts:
-        specs = [s for s in b["offline"] if s.split(":")[0] in args.envs]
+        specs = [s for s in b["offline"] if dataset_spec(s)[0] in args.envs]
         if not args.collect_only:
             for q in qs:
                 failed += ensure_datasets(specs, args.data_dir, synthetic(q), args.dry_run)

@@ -32,8 +32,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ROOT, Job, aggregate, common_parser, fmt, markdown_table, prior_args, results_path,  # noqa: E402
-                    hide_secrets, run_jobs, save_results, show_path)  # fmt: skip
+from common import (ROOT, Job, aggregate, common_parser, dataset_spec, fmt, hide_secrets, markdown_table,  # noqa: E402
+                    name_part, prior_args, results_path, run_jobs, save_results, show_path)  # fmt: skip
 
 ENTRY = "table1_offline"
 METHODS = {  # method -> (script, arguments)
@@ -64,16 +64,16 @@ BUDGET = {
 
 
 def dataset_path(data_dir: str, spec: str, extra: list[str]) -> str:
-    env, n = spec.split(":")
+    env, n = dataset_spec(spec)
     tag = "_" + hashlib.sha1(" ".join(prior_args(extra)).encode()).hexdigest()[:8] if prior_args(extra) else ""
-    return os.path.join(data_dir, f"{env}_{n}{tag}.jsonl")
+    return os.path.join(data_dir, f"{name_part(env)}_{n}{tag}.jsonl")
 
 
 def build_command(spec: str, path: str, extra: list[str], workers: int = 1) -> list[str]:
-    env, n = spec.split(":")
+    env, n = dataset_spec(spec)
     # prompt history 0: most transitions share a prompt, i.e. one LLM query per distinct state
-    return ["build_dataset.py", "--env", env, "--transitions", n, "--out", path, "--workers", str(workers), "--history",
-            "0", *prior_args(extra)]  # fmt: skip
+    return ["build_dataset.py", "--env", env, "--transitions", str(n), "--out", path, "--workers", str(workers),
+            "--history", "0", *prior_args(extra)]  # fmt: skip
 
 
 def ensure_datasets(specs: list[str], data_dir: str, extra: list[str], dry_run: bool, workers: int = 1) -> list[str]:
@@ -137,10 +137,10 @@ def smallest_reaching(table: list[dict], metric: str, threshold: float) -> dict:
     """method -> the smallest Salad(N) whose mean `metric` reaches the threshold (None if none does)."""
     out = {}
     for t in table:
-        env, n = t["dataset"].split(":")
+        env, n = dataset_spec(t["dataset"])
         reached = env == "overcooked-salad" and t[f"{metric}_mean"] >= threshold
         best = out.get(t["method"])
-        out[t["method"]] = min(best, int(n)) if reached and best is not None else (int(n) if reached else best)
+        out[t["method"]] = min(best, n) if reached and best is not None else (n if reached else best)
     return out
 
 

@@ -158,6 +158,22 @@ def test_every_entry_has_three_budgets_and_a_dry_run(capsys):
     assert not os.path.exists("/nonexistent")
 
 
+def test_any_env_spec_runs_online_and_names_its_folders():
+    """An env no budget names (from elsewhere, or with keywords) runs online with the budget's `online_other`; an
+    offline dataset's env does not; specs and `<env>:<transitions>` with a `:` in the env make file names."""
+    jobs = prior_sweep.online_jobs(prior_sweep.BUDGET["small"], ["mymod:Env,size=4", "overcooked-salad",
+                                                                  "textworld-treasure"], [1.0], [1])  # fmt: skip
+    settings = {j.key["env"]: j.args[j.args.index("--eval-freq") + 1] for j in jobs}
+    assert settings == {"mymod:Env,size=4": 100, "textworld-treasure": 250}
+    assert {j.name for j in jobs if j.key["algo"] == "DQN"} == {"online__mymod-Env-size-4__DQN__None__1",
+                                                                 "online__textworld-treasure__DQN__None__1"}
+    assert common.dataset_spec("mymod:Env,size=4:1000") == ("mymod:Env,size=4", 1000)
+    assert os.path.basename(table1_offline.dataset_path("d", "mymod:Env:40", [])) == "mymod-Env_40.jsonl"
+    assert common.name_part("CQL (mean TD)") == "CQL(meanTD)"  # the job folders of earlier runs keep their names
+    fig3 = fig3_online.jobs_for("small", ["textworld-treasure"], ["dqn_prior"], [1])[0].args  # on the sweep's axis
+    assert [fig3[fig3.index(f) + 1] for f in ("--total-timesteps", "--eval-freq", "--eval-episodes")] == [3000, 250, 10]
+
+
 def test_fig3_small_budget_evaluates_like_the_prior_sweep_and_fig4_takes_a_subset_of_values():
     args = {job.key["env"]: job.args for job in fig3_online.jobs_for("small")}
     assert set(args) == {"overcooked-tomato", "frozenlake", "alfworld-pick"}
