@@ -471,7 +471,35 @@ def shard_episodes(episodes: list[list[dict]], workers: int) -> list[list[int]]:
     return [sorted(s) for s in shards]
 
 
+def fill_proposals(args: Args, prior, propose, episodes: list[list[dict]], env_id: str, history: int):
+    """The k proposals at s and s' of every record, episode by episode (cache first, then the LLM); with --workers the
+    episodes are shared out to processes with their own prior. -> (sets, quality, LLM queries)."""
+    sets, quality, queries = [None] * len(episodes), [None] * len(episodes), 0
+    if args.workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+        shards = [s for s in shard_episodes(episodes, args.workers) if s]
+        print(f"proposals: {len(shards)} workers, {threads} torch thread(s) each", flush=True)
+        with ProcessPoolExecutor(len(shards), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(fill_shard, args.prior, args.seed, env_id, args.k, history, threads, w, shard,
+                                   [episodes[i] for i in shard]) for w, shard in enumerate(shards)]  # fmt: skip
+            for shard, future in zip(shards, futures):
+                shard_sets, shard_quality, shard_queries = future.result()
+                for i, s, q in zip(shard, shard_sets, shard_quality):
+                    sets[i], quality[i] = s, q
+                queries += shard_queries
+        return sets, quality, queries
+    sets, quality = propose_episodes(episodes, propose, args.seed)
+    return sets, quality, prior.queries
+
+
 def build(args: Args) -> dict:
+    try:
+        return build_file(args)
+    except ConnectionError as err:  # an LLM server that fails mid-way: what it answered is in the proposal cache
+        raise UserError(f"{err}; the proposals so far are cached: the same command goes on from there") from None
+
+
+def build_file(args: Args) -> dict:
     import envs
     from llmprior.data import load_dataset, write_dataset
     from llmprior.prompts import default_history, resolve_score_normalize
@@ -536,26 +564,9 @@ def build(args: Args) -> dict:
           f"{attempts - len(episodes)} rejected) in {time.time() - start:.0f} s: "
           + ", ".join(f"{k} {v['kept']}" for k, v in stats.items()), flush=True)  # fmt: skip
 
-    # The k proposals at s and s', episode by episode (cache first, then the LLM); with --workers the episodes are
-    # shared out to processes with their own prior.
     fill_start, queries = time.time(), 0
     if prior is not None:
-        sets, quality = [None] * len(episodes), [None] * len(episodes)
-        if args.workers > 1:
-            threads = max(1, (os.cpu_count() or 1) // args.workers)
-            shards = [s for s in shard_episodes(episodes, args.workers) if s]
-            print(f"proposals: {len(shards)} workers, {threads} torch thread(s) each", flush=True)
-            with ProcessPoolExecutor(len(shards), mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(fill_shard, args.prior, args.seed, env_id, args.k, history, threads, w, shard,
-                                       [episodes[i] for i in shard]) for w, shard in enumerate(shards)]  # fmt: skip
-                for shard, future in zip(shards, futures):
-                    shard_sets, shard_quality, shard_queries = future.result()
-                    for i, s, q in zip(shard, shard_sets, shard_quality):
-                        sets[i], quality[i] = s, q
-                    queries += shard_queries
-        else:
-            sets, quality = propose_episodes(episodes, propose, args.seed)
-            queries = prior.queries
+        sets, quality, queries = fill_proposals(args, prior, propose, episodes, env_id, history)
         for records, (cands, next_cands) in zip(episodes, sets):
             for r, c, nc in zip(records, cands, next_cands):
                 r["proposals"], r["next_proposals"] = c, nc

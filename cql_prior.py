@@ -322,6 +322,10 @@ def train(args: Args) -> dict:
                                                      name).items()}  # fmt: skip
             except runs.Interrupted:
                 result = None  # dropped: the resumed run evaluates again
+            except ConnectionError as err:  # an LLM server that fails: the resumed run evaluates again
+                path = checkpoint()
+                raise UserError(f"{err} (evaluating at gradient step {step}); saved {path}; continue with `python "
+                                f"{os.path.basename(__file__)} --resume {path}`") from None  # fmt: skip
             if result is not None:
                 if s["best_eval"] is None or result["eval/return_mean"] > s["best_eval"]:
                     s["best_eval"], s["best_step"] = result["eval/return_mean"], step

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import last_json
+from helpers import FlakyServer, last_json, serve_http
 from helpers import run_script as run
 
 import cql_prior
@@ -325,6 +325,34 @@ def test_smoke_prior_proposals_stored_mean_no_llm_in_training(tiny_lm_dir, tmp_p
     allowed = last_json(run("cql_prior.py", *common, *prior, "--prior.dist-temperature", "1", "--allow-mismatch"),
                         "summary ")  # fmt: skip
     assert allowed["dataset_prior_queries"] == 0
+
+
+def test_llm_server_failure_while_storing_proposals_or_evaluating_is_one_line(tmp_path):
+    """build_dataset.py and cql_prior.py with a server that dies: one line each, naming the server; the dataset's
+    command goes on from the proposal cache, the CQL run from its checkpoint."""
+    with serve_http(FlakyServer) as server:
+        env = {"OPENAI_BASE_URL": f"http://127.0.0.1:{server.server_port}/v1"}
+        prior = ["--k", "2", "--prior.backend", "openai", "--prior.model", "fake", "--prior.mode", "map",
+                 "--prior.cache", str(tmp_path / "priors.sqlite")]  # fmt: skip
+        build = ["build_dataset.py", "--env", "frozenlake", "--transitions", "40", "--out", str(tmp_path / "d.jsonl"),
+                 "--mix.prior", "0.5", *prior]  # fmt: skip
+        FlakyServer.budget = 1
+        failed = run(*build, check=False, env=env)
+        assert failed.returncode == 2 and failed.stderr.strip().count("\n") == 0, failed.stderr
+        assert f"127.0.0.1:{server.server_port}" in failed.stderr and "goes on from there" in failed.stderr
+        FlakyServer.budget = 10_000
+        info = last_json(run(*build, env=env), "dataset ")
+        assert info["k"] == 2
+        FlakyServer.budget = 0
+        common = ["cql_prior.py", "--dataset", str(tmp_path / "d.jsonl"), "--total-steps", "20", "--eval-freq", "10",
+                  "--eval-episodes", "2", "--runs-dir", str(tmp_path / "runs"), *prior[:-2], "--prior.cache",
+                  str(tmp_path / "cql.sqlite")]  # fmt: skip
+        failed = run(*common, check=False, env=env)
+        assert failed.returncode == 2 and failed.stderr.strip().count("\n") == 0, failed.stderr
+        assert "evaluating at gradient step 10" in failed.stderr and "--resume" in failed.stderr
+        FlakyServer.budget = 10_000
+        checkpoint = failed.stderr.split("--resume ")[1].split("`")[0]
+        assert last_json(run("cql_prior.py", "--resume", checkpoint, env=env), "summary ")["global_step"] == 20
 
 
 def test_build_dataset_workers_write_the_same_file(tiny_lm_dir, tmp_path):

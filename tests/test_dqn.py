@@ -12,6 +12,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from helpers import FlakyServer
 from helpers import run_script as _run_script
 from helpers import serve_http, summary_of
 
@@ -231,39 +232,6 @@ def test_llm_server_failure_is_one_line_and_resumes_exactly(tmp_path, monkeypatc
         assert resumed["global_step"] == 60 and resumed["eval/return_mean"] == full["eval/return_mean"]
         a, b = q_of(the_run(tmp_path / "full")), q_of(part)
         assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-class FlakyServer(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-compatible completions server that answers `budget` requests, then drops every connection."""
-
-    budget = 0
-    authorization: list[str] = []  # the Authorization header of every request
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):  # /models, asked once when the backend starts
-        data = json.dumps({"data": [{"id": "fake"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FlakyServer.authorization.append(self.headers.get("Authorization"))
-        if FlakyServer.budget <= 0:
-            self.close_connection = True  # the client sees the connection drop, as when a server dies
-            return
-        FlakyServer.budget -= 1
-        texts = ["Go Right", "Go Down", "I would go down", "left", "Go Up"]
-        data = json.dumps({"choices": [{"index": i, "text": texts[i % 5]} for i in range(req["n"])]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------
