@@ -118,6 +118,7 @@ def plot_sweep(path: str, rows: list[dict], quality: list[dict]):
                 m, se, _ = mean_se(r[y] for r in mine)
                 ax.axhline(m, color="black", linestyle=next(baseline_styles), label=f"{algo} (no prior)")
                 ax.axhspan(m - se, m + se, color="black", alpha=0.08, linewidth=0)
+        marked = [0.0]
         for r in quality:
             env_of_panel = env if part == "online" else str(env).rsplit(":", 1)[0]  # offline: <env>:<transitions>
             if r["env"] == env_of_panel and r["mode"] == "dist" and r.get("label", "default") == "default":
@@ -125,10 +126,11 @@ def plot_sweep(path: str, rows: list[dict], quality: list[dict]):
                 if q is None and r.get("expert_prob") is not None:
                     q = (r["expert_prob"] - r["uniform_prob"]) / (1 - r["uniform_prob"])
                 if q is not None:
+                    marked.append(q)
                     ax.axvline(q, color="grey", linestyle="--", linewidth=1)
                     ax.text(q, ax.get_ylim()[1], f" {r['model']}", rotation=90, va="top", fontsize=6, color="grey")
         ax.set_title(f"{part}: {env}")
-        ax.set_xlim(-0.05, 1.05)
+        ax.set_xlim(min(marked) - 0.05, 1.05)  # an LLM below uniform (Q < 0) stays in view
         ax.set_xlabel("synthetic prior quality Q")
         ax.set_ylabel(y.replace("_", " "))
         ax.grid(alpha=0.3)
