@@ -38,6 +38,8 @@ from typing import Iterable
 import alfworld.gen.constants as alfred
 import alfworld.gen.goal_library as goal_library
 
+from envs.core import cache_dir
+
 # Bump when generated games change, so that stale caches are not reused.
 GENERATOR_VERSION = "gen1"
 DEFAULT_COUNTS = {"pick_train": 28, "pick_unseen": 26, "examine": 11}
@@ -426,7 +428,7 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, counts: dict[str, int] |
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LLMPRIOR_CACHE") or Path.home() / ".cache" / "llmprior") / "alfworld"
+    return cache_dir() / "alfworld"
 
 
 def default_games_dir(task_type: str, split: str, seed: int = 0) -> Path:

@@ -23,7 +23,9 @@ when its ``expert=`` keyword asks.
 
 from __future__ import annotations
 
+import os
 import string
+from pathlib import Path
 from typing import Any, Sequence
 
 import gymnasium as gym
@@ -31,6 +33,12 @@ from gymnasium import spaces
 
 # Text spaces default to alphanumerics; our strings hold punctuation, newlines and digits.
 CHARSET = string.printable
+
+
+def cache_dir() -> Path:
+    """``$LLMPRIOR_CACHE`` (default ``~/.cache/llmprior``), where generated games are kept: the folder of
+    ``llmprior.models.cache_dir``, read here because ``envs`` imports nothing of ``llmprior``."""
+    return Path(os.environ.get("LLMPRIOR_CACHE") or Path.home() / ".cache" / "llmprior")
 
 
 def text_space(max_length: int = 8192) -> spaces.Text:

@@ -150,8 +150,9 @@ def _make_checked(spec: str, split: str | None, expert: bool) -> gym.Env:
     build, defaults, cls = _builder(env)
     kwargs = {**defaults, **spec_kwargs}
     if split is not None:
-        if split not in getattr(cls, "splits", ()):
-            raise EnvSpecError(f"has no game split {split!r} (its class lists none in `splits`)")
+        splits = tuple(getattr(cls, "splits", ()))
+        if split not in splits:
+            raise EnvSpecError(f"has no game split {split!r} (its class's `splits`: {', '.join(splits) or 'none'})")
         kwargs["split"] = split
     if getattr(cls, "costly_expert", False):
         kwargs["expert"] = expert
@@ -165,7 +166,7 @@ def _make_checked(spec: str, split: str | None, expert: bool) -> gym.Env:
 
 
 def game_splits(env: gym.Env) -> tuple[str, ...]:
-    """The game splits an env offers besides its default, e.g. ("train", "unseen"): () for most envs."""
+    """The game splits an env's `split=` takes (its class's `splits`, e.g. ("train", "unseen")); () for most envs."""
     return tuple(getattr(env.unwrapped, "splits", ()))
 
 

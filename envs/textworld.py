@@ -62,7 +62,7 @@ import textworld
 import textworld.challenges
 from textworld.generator import QuestGenerationError, compile_game
 
-from envs.core import GameOrder, TextEnv
+from envs.core import GameOrder, TextEnv, cache_dir
 
 # Bump when generated games change, so that stale caches are not reused.
 GENERATOR_VERSION = "tw1"
@@ -97,7 +97,7 @@ def clean(feedback: str, objective: str = "") -> str:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LLMPRIOR_CACHE") or Path.home() / ".cache" / "llmprior") / "textworld"
+    return cache_dir() / "textworld"
 
 
 def settings_for(family: str, level: int, split: str) -> dict[str, Any]:
@@ -123,14 +123,16 @@ def games_dir(family: str, level: int, split: str, seed: int = 0, only_last_acti
 def play_expert(game_file: str | os.PathLike, max_steps: int = 1000) -> list[str] | None:
     """The expert's commands from reset to the win, each one admissible where it is taken; None if they do not win."""
     env = start_game(game_file)
-    state, commands = env.reset(), []
-    while not state["won"] and not state["lost"] and len(commands) < max_steps:
-        if not state["policy_commands"] or state["policy_commands"][0] not in state["admissible_commands"]:
-            return None
-        commands.append(state["policy_commands"][0])
-        state, _, _ = env.step(commands[-1])
-    env.close()
-    return commands if state["won"] else None
+    try:
+        state, commands = env.reset(), []
+        while not state["won"] and not state["lost"] and len(commands) < max_steps:
+            if not state["policy_commands"] or state["policy_commands"][0] not in state["admissible_commands"]:
+                return None
+            commands.append(state["policy_commands"][0])
+            state, _, _ = env.step(commands[-1])
+        return commands if state["won"] else None
+    finally:
+        env.close()
 
 
 def generate_game(folder: Path, family: str, level: int, split: str, seed: int, index: int,
