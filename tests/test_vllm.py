@@ -171,3 +171,18 @@ def test_in_process_vllm_backend_scores_equal_a_plain_forward():
             pairs = [continuation_ids(engine.tokenizer, prompt, a) for a in actions]
             want = np.array(reference_logliks(model, pairs)), np.array([len(a) for _, a in pairs], dtype=float)
             assert_same_scores(engine.score(prompt, actions), want)
+
+
+def test_benchmark_smoke(server, tmp_path):
+    """benchmarks/vllm_server.py against the running server: a scores row per env, and the shared part's two sets."""
+    env = {"OPENAI_BASE_URL": server}
+    run_script("benchmarks/vllm_server.py", "--parts", "scores", "shared", "--states", "1", "--envs", "frozenlake",
+               "--shared-args", "--env frozenlake --total-timesteps 10 --eval-freq 10 --eval-episodes 1",
+               "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs"), env=env)  # fmt: skip
+    from common import read_csv
+
+    (row,) = read_csv(str(tmp_path / "vllm_server.csv"))
+    assert row["env"] == "frozenlake" and row["argmax_agree"] == 1.0 and row["commit"] and row["command"]
+    assert row["max_abs_score_diff_per_token"] <= PER_TOKEN_TOLERANCE and row["scoring"] == "logprob_token_ids"
+    shared = read_csv(str(tmp_path / "vllm_server_runs.csv"))
+    assert [r["part"] for r in shared] == ["shared", "shared"] and all(r["runs"] == 4 for r in shared)
