@@ -299,7 +299,8 @@ def save_results(jobs: list[Job], entry_dir: str, row_fn, path: str, curves: boo
 
 
 def _key(row: dict, keys: list[str]) -> tuple:
-    return tuple(str(row.get(k)) for k in keys)  # as text: a key read back from a CSV is parsed (1 -> int, "" -> None)
+    # as text: a key read back from a CSV is parsed (1 -> int, "" -> None), so None and "" are the same empty cell
+    return tuple("" if row.get(k) is None else str(row.get(k)) for k in keys)
 
 
 def merge_rows(path: str, rows: list[dict], keys: list[str], replaced: set) -> list[dict]:

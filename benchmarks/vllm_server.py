@@ -4,7 +4,8 @@ Parts (`--parts`, all by default):
 - `scores`: along noisy expert episodes of each env (prior_speed.states_of: the scripts' prompts), each state scored
   by both, float32: the largest difference per token, whether the best-scored action agrees, whether DQN-Prior's
   `dist` proposals (k = 5, temperature 3, the env's default scoring, one seed per state) come out the same, and the
-  seconds per state of each (first state excluded), with the trie's nodes (the server's requests' prompts) and the
+  seconds per state of each (first state excluded; the state's prompt only, not PMI's content-free one, which a run
+  scores once per action and then reads from its cache), with the trie's nodes (the server's requests' prompts) and the
   prompt's tokens that say where the server's time goes.
 - `main`: the README's main command (`python dqn_prior.py`), in process and against the server, each with its own
   empty proposal cache: wall clock, LLM queries, and whether the two runs end identically (evaluations, Q-network).
@@ -68,11 +69,12 @@ def scores_rows(envs: list[str], n: int, server, command: str, commit: str, scor
         for i, (prompt, actions) in enumerate(states_of(env_id, n + 1)):
             start = time.perf_counter()
             ref, ref_tokens = local.score(prompt, actions)
-            ref_null = local.score(NULL_PROMPT, actions)[0] if normalize == "pmi" else None  # a batch, as a run asks
             middle = time.perf_counter()
             got, got_tokens = remote.score(prompt, actions)
-            got_null = remote.score(NULL_PROMPT, actions)[0] if normalize == "pmi" else None
             end = time.perf_counter()
+            # PMI's second term, log p(a|"Action:"), untimed: a run scores it once per action, then reads its cache
+            ref_null = local.score(NULL_PROMPT, actions)[0] if normalize == "pmi" else None
+            got_null = remote.score(NULL_PROMPT, actions)[0] if normalize == "pmi" else None
             assert got_tokens.tolist() == ref_tokens.tolist(), (env_id, prompt, actions)
             diffs.append(float(np.max(np.abs(got - ref) / ref_tokens)))
             agree.append(int(np.argmax(got)) == int(np.argmax(ref)))
@@ -107,17 +109,29 @@ def launch(script_args: list[str], folder: str, env: dict) -> subprocess.Popen:
 
 
 def finish(children: list[subprocess.Popen], folders: list[str]) -> tuple[list[dict], float]:
-    """-> (the runs' summaries, the sum of their peak resident memory in GB)."""
-    summaries, peak_kb = [], 0
+    """-> (the runs' summaries, the sum of their peak resident memory in GB). The peak is read from /proc (VmHWM, the
+    process's own high-water mark) while it runs: the rusage of a child also counts the pages it shared with this
+    process between fork and exec (2 GB once this process holds the in-process model)."""
+    peak_kb = [0] * len(children)
+    while any(child.poll() is None for child in children):
+        for i, child in enumerate(children):
+            peak_kb[i] = max(peak_kb[i], _vm_hwm_kb(child.pid))
+        time.sleep(0.5)
+    summaries = []
     for child, folder in zip(children, folders):
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
         if child.returncode:
             tail = open(os.path.join(folder, "log.txt")).read().splitlines()[-1:]
             raise RuntimeError(f"dqn_prior.py in {folder} exited with {child.returncode}: {tail}")
         summaries.append(json.load(open(glob.glob(os.path.join(folder, "*", "summary.json"))[0])))
-        peak_kb += usage.ru_maxrss
-    return summaries, peak_kb / 2**20
+    return summaries, sum(peak_kb) / 2**20
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next((line.split()[1] for line in f if line.startswith("VmHWM")), 0))
+    except OSError:  # it has just exited
+        return 0
 
 
 def server_peak_gb() -> float:
@@ -125,13 +139,12 @@ def server_peak_gb() -> float:
     total_kb = 0
     for status in glob.glob("/proc/[0-9]*/status"):
         try:
-            text = open(status).read()
+            name = open(status).readline()
             cmdline = open(status.replace("status", "cmdline"), "rb").read().decode(errors="replace")
         except OSError:
             continue
-        name = text.split("\n", 1)[0]
         if "vllm.entrypoints" in cmdline or "VLLM::" in name:
-            total_kb += int(next((line.split()[1] for line in text.splitlines() if line.startswith("VmHWM")), 0))
+            total_kb += _vm_hwm_kb(int(status.split("/")[2]))
     return total_kb / 2**20
 
 

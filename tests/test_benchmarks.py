@@ -60,6 +60,11 @@ def test_csv_round_trip_and_markdown_layout(tmp_path):
     merged = common.merge_rows(path, [], ["env"], set())
     common.write_csv(merged, path)
     assert [r["commit"] for r in common.read_csv(path)] == ["5105e26", "0123456"]
+    # a row keyed by an empty cell is replaced by a new row with the same empty key ("" written, None read back)
+    common.write_csv([{"part": "a", "server": "", "wall": 1}, {"part": "a", "server": "x", "wall": 2}], path)
+    new = [{"part": "a", "server": "", "wall": 3}]
+    merged = common.merge_rows(path, new, ["part", "server"], {common._key(r, ["part", "server"]) for r in new})
+    assert [r["wall"] for r in merged] == [2, 3]
     common.write_csv(rows, path)
     back = common.read_csv(path)
     assert not glob.glob(str(tmp_path / "*.tmp*"))  # atomic write leaves no temp file
