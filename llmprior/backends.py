@@ -507,7 +507,7 @@ class OpenAIBackend:
     (vLLM's `logprob_token_ids`): the prompt's end first, then every other node in a few concurrent requests, which
     find the prompt's blocks in vLLM's prefix cache. A vLLM without `logprob_token_ids` scores each action's tokens
     as prompt log-probabilities (`prompt_logprobs`), which vLLM computes without its prefix cache, the whole prompt
-    once per action (measured 20x slower on ALFWorld-Pick, docs/llmprior.md). Any other server cannot score (llama.cpp's:
+    once per action (measured 7x slower on ALFWorld-Pick, docs/llmprior.md). Any other server cannot score (llama.cpp's:
     sampling only)."""
 
     PARALLEL = 8  # concurrent HTTP requests of one state's tokenising and scoring
