@@ -224,7 +224,7 @@ def main(argv=None) -> int:
         if "scores" in args.parts:
             rows = scores_rows(args.envs, args.states, server, command.strip(), commit, args.scoring)
             path = os.path.join(args.results_dir, f"{ENTRY}.csv")
-            key = ["env", "scoring", "server"]
+            key = ["env", "scoring", "server", "threads"]
             write_csv(merge_rows(path, rows, key, {_key(r, key) for r in rows}), path)
             print(markdown_table(rows, ["env", "states", "max_abs_score_diff_per_token", "argmax_agree",
                                         "proposals_equal_frac", "s_per_state_inprocess", "s_per_state_vllm",
