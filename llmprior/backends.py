@@ -124,13 +124,14 @@ class TransformersBackend:
         import torch
         from transformers import GenerationConfig
 
-        from llmprior.models import load_model, resolve_dtype
+        from llmprior.models import kv_cache_name, load_model, resolve_dtype
 
         self.prefix_budget = _megabytes("LLMPRIOR_PREFIX_CACHE_MB", self.PREFIX_CACHE_MB)  # checked before the load
         self.torch = torch
         self.device = device or torch.device("cpu")
         self.dtype = resolve_dtype(dtype, self.device)
         self.model, self.tokenizer, self.label = load_model(model, self.device, self.dtype)
+        self.kv = kv_cache_name()  # the key/value cache's keyword: `cache` (transformers 5.24), `past_key_values`
         tok = self.tokenizer
         self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else self.model.config.eos_token_id
         if isinstance(self.eos_id, (list, tuple)):
@@ -165,11 +166,11 @@ class TransformersBackend:
             else:
                 # `num_return_sequences=k` would encode the prompt k times, most of the cost of 10 new tokens: encode
                 # it once (all but its last token, which generate feeds to get the first logits) and share the cache.
-                cache = self.model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).cache
+                cache = getattr(self.model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1), self.kv)
                 cache.batch_repeat_interleave(k)
                 config.num_return_sequences = 1
                 out = self.model.generate(
-                    input_ids=ids.repeat(k, 1), attention_mask=torch.ones_like(ids).repeat(k, 1), cache=cache,
+                    input_ids=ids.repeat(k, 1), attention_mask=torch.ones_like(ids).repeat(k, 1), **{self.kv: cache},
                     generation_config=config, **kwargs,
                 )  # fmt: skip
         return out[:, ids.shape[1] :]
@@ -198,7 +199,8 @@ class TransformersBackend:
                              logits_to_keep=1)  # fmt: skip
             first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             for start in range(0, len(actions), self.SCORE_CHUNK):  # bounds memory: rows x positions x vocab
-                cache = out.cache if start + self.SCORE_CHUNK >= len(actions) else copy.deepcopy(out.cache)
+                kept = getattr(out, self.kv)
+                cache = kept if start + self.SCORE_CHUNK >= len(actions) else copy.deepcopy(kept)
                 chunk = action_ids[start : start + self.SCORE_CHUNK]
                 scores[start : start + len(chunk)] = self._padded_logps(chunk, len(prompt_ids), first, cache)
         return scores, tokens
@@ -252,12 +254,12 @@ class TransformersBackend:
             input_ids=torch.tensor([prompt_ids[reused:] + [token[n] for n in fed]], device=self.device),
             attention_mask=mask,
             position_ids=positions[None, reused:].to(self.device),
-            cache=cache,
+            **{self.kv: cache},
             use_cache=cache is not None,
         )
         hidden = out.last_hidden_state[0, prompt_len - 1 - reused :]  # the prompt's end, then the fed nodes
         if cache is not None:
-            self._keep(prompt_ids, out.cache)
+            self._keep(prompt_ids, getattr(out, self.kv))
         # Each child's token is scored at its parent's position.
         pairs = [(p, c) for p in [0, *fed] for c in children[p].values()]
         step = self._log_probs(hidden, [position[p] - prompt_len + 1 for p, _ in pairs], [token[c] for _, c in pairs])
@@ -346,7 +348,7 @@ class TransformersBackend:
             mask[i, prompt_len : prompt_len + len(a)] = 1
         cache.batch_repeat_interleave(n)
         positions = torch.arange(prompt_len, prompt_len + width, device=self.device).expand(n, -1)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self.kv: cache},
                             use_cache=True).logits  # fmt: skip
         # log p(token j | prompt, tokens < j) for j >= 1 comes from position j-1; token 0 from the prompt's end.
         logits = logits[:, :-1].float()

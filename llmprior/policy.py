@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.optim as optim
 
-from llmprior.models import load_model, resolve_dtype
+from llmprior.models import kv_cache_name, load_model, resolve_dtype
 
 VALUE_HIDDEN = 256
 
@@ -170,10 +170,11 @@ class LMPolicy(nn.Module):
             {"inputs_embeds": states[0]}, {"inputs_embeds": states[1]})  # fmt: skip
         positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
         out = model(**p_in, attention_mask=p_mask, position_ids=positions, use_cache=True, **prompt_kwargs)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        kv = kv_cache_name()
+        cache = getattr(out, kv)
         cache.batch_select_indices(owner)
         a_pos = p_mask.sum(-1)[owner].unsqueeze(1) + torch.arange(a_ids.shape[1], device=a_ids.device)
-        a_out = model(**a_in, attention_mask=torch.cat([p_mask[owner], a_mask], 1), position_ids=a_pos, cache=cache,
+        a_out = model(**a_in, attention_mask=torch.cat([p_mask[owner], a_mask], 1), position_ids=a_pos, **{kv: cache},
                       use_cache=True)  # fmt: skip
         return out, a_out
 
