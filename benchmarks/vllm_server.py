@@ -57,7 +57,8 @@ def proposals(logp: np.ndarray, tokens: np.ndarray, null: np.ndarray, normalize:
 def scores_rows(envs: list[str], n: int, server, command: str, commit: str, scoring: str) -> list[dict]:
     import torch
 
-    from llmprior.backends import OpenAIBackend, TransformersBackend, continuation_ids, trie_requests
+    from llmprior.backends import (MAX_LOGPROB_TOKEN_IDS, OpenAIBackend, TransformersBackend, continuation_ids,
+                                   trie_requests)
     from llmprior.prompts import default_score_normalize
 
     local = TransformersBackend("gemma", torch.device("cpu"), "float32")
@@ -67,7 +68,8 @@ def scores_rows(envs: list[str], n: int, server, command: str, commit: str, scor
     for env_id in envs:
         normalize = default_score_normalize(env_id)
         diffs, agree, same, t_local, t_remote, nodes, prompt_tokens = [], [], [], [], [], [], []
-        for i, (prompt, actions) in enumerate(states_of(env_id, n + 1)):
+        states = states_of(env_id, n + 1)
+        for i, (prompt, actions) in enumerate(states):
             start = time.perf_counter()
             ref, ref_tokens = local.score(prompt, actions)
             middle = time.perf_counter()
@@ -82,7 +84,7 @@ def scores_rows(envs: list[str], n: int, server, command: str, commit: str, scor
             same.append(proposals(got, got_tokens, got_null, normalize, i) == proposals(ref, ref_tokens, ref_null,
                                                                                          normalize, i))  # fmt: skip
             pairs = [continuation_ids(local.tokenizer, prompt, a) for a in actions]
-            nodes.append(sum(len(g) for g in trie_requests([a for _, a in pairs], 128)))
+            nodes.append(sum(len(g) for g in trie_requests([a for _, a in pairs], MAX_LOGPROB_TOKEN_IDS)))
             prompt_tokens.append(len(pairs[0][0]))
             if i:  # the first state warms both up
                 t_local.append(middle - start)
@@ -92,7 +94,7 @@ def scores_rows(envs: list[str], n: int, server, command: str, commit: str, scor
                      "s_per_state_inprocess": round(float(np.mean(t_local)), 3),
                      "s_per_state_vllm": round(float(np.mean(t_remote)), 3),
                      "vllm_over_inprocess": round(float(np.mean(t_remote) / np.mean(t_local)), 2),
-                     "actions_per_state": round(float(np.mean([len(a) for _, a in states_of(env_id, n + 1)])), 1),
+                     "actions_per_state": round(float(np.mean([len(a) for _, a in states])), 1),
                      "trie_nodes_per_state": round(float(np.mean(nodes)), 1),
                      "prompt_tokens": round(float(np.mean(prompt_tokens))), "scoring": remote._scoring,
                      "normalize": normalize, "server": server, "threads": os.environ.get("OMP_NUM_THREADS", ""),

@@ -198,8 +198,8 @@ class TransformersBackend:
             out = self.model(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=True,
                              logits_to_keep=1)  # fmt: skip
             first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            kept = getattr(out, self.kv)
             for start in range(0, len(actions), self.SCORE_CHUNK):  # bounds memory: rows x positions x vocab
-                kept = getattr(out, self.kv)
                 cache = kept if start + self.SCORE_CHUNK >= len(actions) else copy.deepcopy(kept)
                 chunk = action_ids[start : start + self.SCORE_CHUNK]
                 scores[start : start + len(chunk)] = self._padded_logps(chunk, len(prompt_ids), first, cache)

@@ -20,6 +20,7 @@ converted by an earlier version of this package already has. The cache folder is
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -124,6 +125,7 @@ def load_model(name: str, device, dtype, seq2seq: bool = False, attn_implementat
         return _load_model(name, device, dtype, seq2seq, attn_implementation)
 
 
+@functools.cache
 def kv_cache_name() -> str:
     """What transformers calls a model's key/value cache, as a forward's and generate's argument and in its outputs:
     `cache` in the version this project pins (5.24), `past_key_values` in earlier ones, such as the 5.19 that

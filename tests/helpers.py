@@ -144,13 +144,16 @@ class FlakyServer(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def do_GET(self):  # /models, asked once when the backend starts
-        data = json.dumps({"data": [{"id": "fake"}]}).encode()
+    def _answer(self, body: dict) -> None:
+        data = json.dumps(body).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def do_GET(self):  # /models, asked once when the backend starts
+        self._answer({"data": [{"id": "fake"}]})
 
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -160,9 +163,4 @@ class FlakyServer(http.server.BaseHTTPRequestHandler):
             return
         FlakyServer.budget -= 1
         texts = ["Go Right", "Go Down", "I would go down", "left", "Go Up"]
-        data = json.dumps({"choices": [{"index": i, "text": texts[i % 5]} for i in range(req["n"])]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self._answer({"choices": [{"index": i, "text": texts[i % 5]} for i in range(req["n"])]})

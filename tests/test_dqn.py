@@ -3,8 +3,6 @@
 uninterrupted run does; bad input as one-line errors."""
 
 import glob
-import http.server
-import json
 import os
 import shutil
 import signal
@@ -12,9 +10,8 @@ import signal
 import numpy as np
 import pytest
 import torch
-from helpers import FlakyServer
+from helpers import FlakyServer, serve_http, summary_of
 from helpers import run_script as _run_script
-from helpers import serve_http, summary_of
 
 import dqn_prior
 from dqn_prior import Args, ReplayBuffer, select_action, td_loss, td_target
